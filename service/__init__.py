@@ -1,0 +1,1 @@
+"""tunepool control plane: REST API, database, CLI. Never imports torch."""

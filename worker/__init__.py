@@ -1,0 +1,1 @@
+"""tunepool execution plane: Celery workers and the training library."""
