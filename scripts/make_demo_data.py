@@ -15,19 +15,9 @@ from pathlib import Path
 
 NAMES = ["Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Ines", "Kai", "Lena", "Ravi", "Sofia", "Tom"]
 THINGS = [
-    "apples", "stickers", "marbles", "books", "coins", "pencils", "shells", "cards", "stamps", "cookies",
-]
-    "apples",
-    "stickers",
-    "marbles",
-    "books",
-    "coins",
-    "pencils",
-    "shells",
-    "cards",
-    "stamps",
-    "cookies",
-]
+    "apples", "stickers", "marbles", "books", "coins",
+    "pencils", "shells", "cards", "stamps", "cookies",
+]  # fmt: skip
 SYSTEMS = [
     "You are a careful math tutor. Show each step, then give the final answer.",
     "Solve the problem step by step.",

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         f"loss mode {s['loss_mode']}: final loss {final.get('loss', float('nan')):.4g}, "
         f"nll {final.get('nll', float('nan')):.4f}, token accuracy {final.get('token_accuracy', 0.0):.3f}",
         f"padding {100 * s['padding_fraction']:.1f}% of processed tokens; examples: {s['examples']} used, "
-        f"{s['truncated_examples']} truncated, {s['dropped_examples']} dropped; {s['skipped_steps']} steps skipped",
+        f"{s['truncated_examples']} truncated, {s['dropped_examples']} dropped; "
+        f"{s['skipped_steps']} steps skipped",
     ]
     if "valid_nll" in final:
         lines.append(

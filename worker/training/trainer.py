@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class Trainer:
         self.step = 0  # optimizer steps completed
         self.counters = {"trained_tokens": 0, "real_tokens": 0, "processed_tokens": 0, "skipped_steps": 0}
         self.elapsed_before = 0.0  # seconds spent by earlier runs of this job (before a resume)
+        self.started = time.perf_counter()  # reset when train() starts
         self.last_row: Row = {}
 
     def event(self, level: str, message: str, **data: Any) -> None:
@@ -310,7 +312,10 @@ class Trainer:
                 torch.nn.utils.clip_grads_with_norm_(self.params, cfg.max_grad_norm, grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped step still advances the schedule; torch warns when optimizer.step() was not called
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.step += 1
 
         real = sum(b.n_real for b in batches)
@@ -361,6 +366,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         cfg = self.config
+        t0 = time.perf_counter()
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -388,7 +394,10 @@ class Trainer:
             merge_lora=bool(cfg.lora and cfg.lora.merge),
             keep_last_n=cfg.keep_last_n,
         )
-        self.event("info", f"saved checkpoint {path.name}", checkpoint=str(path))
+        seconds = time.perf_counter() - t0
+        self.event(
+            "info", f"saved checkpoint {path.name} in {seconds:.1f}s", checkpoint=str(path), seconds=seconds
+        )
         return path
 
     def resume(self, path: Path) -> None:
