@@ -16,6 +16,7 @@ leaves the previous checkpoints intact and at worst a `.tmp-*` directory, remove
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.training.config import TrainingConfig
 from worker.training.model import causal_lm
 
 STATE_FILE = "trainer_state.pt"
@@ -158,3 +160,49 @@ def save_checkpoint(
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     state: dict[str, Any] = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     return state
+
+
+# Config fields that do not change the trajectory: a resume may change them.
+RESUME_FREE_FIELDS = {
+    "output_dir",
+    "device",
+    "gradient_accumulation_steps",
+    "loss_chunk_size",
+    "gradient_checkpointing",
+    "checkpoint_every",
+    "keep_last_n",
+    "eval_every",
+    "eval_batch_size",
+    "max_line_bytes",
+    "train_file",
+    "validation_file",
+}
+
+
+def _file_digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(cfg: TrainingConfig) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run resuming from it."""
+    return {
+        "config": cfg.model_dump(mode="json", exclude=RESUME_FREE_FIELDS),
+        "train_file_sha256": _file_digest(cfg.train_file),
+        "validation_file_sha256": _file_digest(cfg.validation_file),
+    }
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Names of the config fields and data files that differ; empty when the runs match."""
+    fields = {*saved["config"], *current["config"]}
+    changed = [k for k in fields if saved["config"].get(k) != current["config"].get(k)]
+    for key in ("train_file_sha256", "validation_file_sha256"):
+        if saved[key] != current[key]:
+            changed.append(key.removesuffix("_sha256"))
+    return sorted(changed)

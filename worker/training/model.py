@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from worker.training.config import LoraConfig
+from worker.training.config import ConfigError, LoraConfig, TrainingConfig
 
 # Config attributes of heads whose logits are not `hidden @ W^T + b`: the fused loss would be wrong.
 _UNSUPPORTED_HEAD_ATTRS = (
@@ -121,8 +121,39 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, base_spec: str) -> Any:
     return peft_model
 
 
+def prepare_model(cfg: TrainingConfig, resume_from: Path | None) -> tuple[Any, Any]:
+    """The model to train and its tokenizer, on the CPU.
+
+    A full fine-tune resumes from the checkpoint's own weights; LoRA loads the base model and then
+    the checkpoint's adapter (or fresh adapters when there is no checkpoint).
+    """
+    source = str(resume_from) if resume_from is not None and cfg.lora is None else cfg.model
+    model: Any
+    model, tokenizer = load_model(source)
+    if cfg.lora is not None and resume_from is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
+    elif cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, cfg.model)
+    if cfg.gradient_checkpointing:
+        lm = causal_lm(model)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:
+            lm.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
+    return model, tokenizer
+
+
 def causal_lm(model: Any) -> PreTrainedModel:
     """The transformers model under an optional PEFT wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     assert isinstance(inner, PreTrainedModel)
     return inner
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but no CUDA device is available")
+    return torch.device(name)

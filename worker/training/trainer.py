@@ -8,9 +8,7 @@ count N as normaliser, so the step's gradient does not depend on how the batch w
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import random
 import time
 import warnings
@@ -34,31 +32,25 @@ from worker.training.data import (
     plan_epoch,
     steps_per_epoch,
 )
+from worker.training.errors import InvalidDataError, TrainingError
+from worker.training.formats import DataFormatError
 from worker.training.loss import LossStats, fused_linear_cross_entropy
-from worker.training.model import apply_lora, causal_lm, load_model
+from worker.training.model import causal_lm, prepare_model, resolve_device
+from worker.training.optim import build_optimizer, build_scheduler
 from worker.training.outputs import RunLog
 
 Row = dict[str, Any]
-
-# Config fields that do not change the trajectory: a resume may change them.
-_RESUME_FREE_FIELDS = {
-    "output_dir",
-    "device",
-    "gradient_accumulation_steps",
-    "loss_chunk_size",
-    "gradient_checkpointing",
-    "checkpoint_every",
-    "keep_last_n",
-    "eval_every",
-    "eval_batch_size",
-    "max_line_bytes",
-    "train_file",
-    "validation_file",
-}
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on; the message names the field or file at fault."""
+# The metrics of the last step that summary.json repeats as "final".
+_FINAL_FIELDS = (
+    "loss",
+    "nll",
+    "mean_token_prob",
+    "token_accuracy",
+    "valid_loss",
+    "valid_nll",
+    "valid_token_accuracy",
+)
+__all__ = ["InvalidDataError", "Trainer", "TrainingError", "train"]
 
 
 @dataclass
@@ -68,24 +60,6 @@ class TrainResult:
     total_steps: int
     checkpoint: Path | None
     summary: dict[str, Any]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device: {name} requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def _file_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Trainer:
@@ -128,22 +102,9 @@ class Trainer:
             self.event("warning", f"removed {leftover.name}, an incomplete checkpoint left by a killed save")
         resume_from = ckpt.latest_checkpoint(cfg.output_dir)
 
-        # Model. A full fine-tune resumes from the checkpoint's own weights; LoRA from base + adapter.
-        source = str(resume_from) if resume_from is not None and cfg.lora is None else cfg.model
-        model: Any
-        model, self.tokenizer = load_model(source)
-        if cfg.lora is not None and resume_from is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(resume_from), is_trainable=True)
-        elif cfg.lora is not None:
-            model = apply_lora(model, cfg.lora, cfg.model)
+        model, self.tokenizer = prepare_model(cfg, resume_from)
         self.model = model.to(self.device)
         self.lm = causal_lm(self.model)
-        if cfg.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.lora is not None:
-                self.lm.enable_input_require_grads()
         self.backbone = self.lm.get_decoder()  # the transformer without its output projection
         self.head = self.lm.get_output_embeddings()
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -159,25 +120,11 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._plan: tuple[int, list[list[int]]] = (-1, [])
 
-        # Optimizer: AdamW, no weight decay on biases and norm weights (1-D parameters).
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
 
-        self.fingerprint: dict[str, Any] = {
-            "config": cfg.model_dump(mode="json", exclude=_RESUME_FREE_FIELDS),
-            "train_file_sha256": _file_digest(cfg.train_file),
-            "validation_file_sha256": _file_digest(cfg.validation_file),
-        }
+        self.fingerprint = ckpt.run_fingerprint(cfg)
         if resume_from is not None:
             self.resume(resume_from)
         else:
@@ -187,13 +134,16 @@ class Trainer:
         cfg = self.config
         if not path.is_file():
             raise TrainingError(f"{field}: {path} does not exist")
-        data = load_dataset(
-            path,
-            self.tokenizer,
-            max_seq_length=cfg.max_seq_length,
-            overlength=cfg.overlength,
-            max_line_bytes=cfg.max_line_bytes,
-        )
+        try:
+            data = load_dataset(
+                path,
+                self.tokenizer,
+                max_seq_length=cfg.max_seq_length,
+                overlength=cfg.overlength,
+                max_line_bytes=cfg.max_line_bytes,
+            )
+        except DataFormatError as err:
+            raise InvalidDataError(field, err) from None
         stats = data.stats
         if stats.n_truncated or stats.n_dropped:
             self.event(
@@ -215,18 +165,6 @@ class Trainer:
             trained_tokens=stats.n_trained_tokens,
         )
         return data
-
-    def _lr_factor(self, step: int) -> float:
-        """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
-        warmup = math.ceil(self.config.warmup_ratio * self.total_steps)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        if self.config.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.config.lr_scheduler == "linear":
-            return 1.0 - progress
-        return 1.0
 
     # -- train ---------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -402,20 +340,8 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
-        saved = json.loads(state["fingerprint"])
-        if saved != self.fingerprint:
-            changed = sorted(
-                [
-                    k
-                    for k in {*saved["config"], *self.fingerprint["config"]}
-                    if saved["config"].get(k) != self.fingerprint["config"].get(k)
-                ]
-                + [
-                    k.removesuffix("_sha256")
-                    for k in ("train_file_sha256", "validation_file_sha256")
-                    if saved[k] != self.fingerprint[k]
-                ]
-            )
+        changed = ckpt.fingerprint_changes(json.loads(state["fingerprint"]), self.fingerprint)
+        if changed:
             raise TrainingError(
                 f"output_dir: {self.config.output_dir} holds a checkpoint of a different run "
                 f"({', '.join(changed)} changed); use a new output_dir"
@@ -434,20 +360,7 @@ class Trainer:
     def _summary(self, status: str, checkpoint: Path | None) -> dict[str, Any]:
         c = self.counters
         stats = self.train_data.stats
-        final = {
-            k: v
-            for k, v in self.last_row.items()
-            if k
-            in (
-                "loss",
-                "nll",
-                "mean_token_prob",
-                "token_accuracy",
-                "valid_loss",
-                "valid_nll",
-                "valid_token_accuracy",
-            )
-        }
+        final = {k: v for k, v in self.last_row.items() if k in _FINAL_FIELDS}
         return {
             "status": status,
             "loss_mode": self.config.loss,

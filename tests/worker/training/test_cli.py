@@ -56,4 +56,5 @@ def test_trains_and_prints_summary_then_reports_bad_config_and_data(tmp_path: Pa
         yaml.safe_dump({**config, "train_file": "broken.jsonl", "output_dir": "o2"})
     )
     broken = cli(tmp_path / "data.yaml")
-    assert broken.returncode == 2 and "line 5:" in broken.stderr and "content" in broken.stderr
+    assert broken.returncode == 2 and "train_file: 1 bad line" in broken.stderr
+    assert "line 5:" in broken.stderr and "content" in broken.stderr
