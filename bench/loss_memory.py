@@ -13,9 +13,11 @@ n=8192 trained tokens, SmolLM2's d=576 and V=49152. Variants:
          `SFTTrainer` (chunk `_CHUNKED_LOGPROB_CHUNK_SIZE`, outputs log_probs/entropy/is_top1), then
          SFTTrainer's DFT branch `loss = (-lp * sg(exp(lp))).sum() / n`. On a CPU it takes its torch
          (non-Triton) path.
-- floor: the three `[n, d] x [d, V]`-sized matrix products the gradient needs, on preallocated
-         buffers (`z = h W^T`, `grad_h = G W`, `grad_W = G^T h`, with `G = z`): a time floor only,
-         its memory is not compared.
+- floor: the three `[n, d] x [d, V]`-sized matrix products the gradient needs, `z = h W^T`,
+         `grad_h = G W`, `grad_W = G^T h` (G = z, computed before timing), each timed alone as
+         the best over `--repeats` and over two equivalent forms (into a preallocated, touched
+         buffer with `out=`, or allocating its result), and summed: a time floor only, its
+         memory is not compared.
 
 Each variant runs in its own subprocess (`--variant NAME`), so its peak memory is clean. Memory
 is the peak resident set size ABOVE the inputs: the inputs are built (fully written), a small
@@ -36,8 +38,12 @@ Goals (all ratios measured in the same run):
 
 Output: one JSON line on stdout (progress on stderr). Run from the repository root:
 
-    .venv/bin/python -m bench.loss_memory                              # full size, a few minutes
-    .venv/bin/python -m bench.loss_memory --n 512 --vocab 4096 --repeats 1   # smoke test
+    .venv/bin/python -m bench.loss_memory                  # full size, ~3-5 minutes on 2 cores
+    .venv/bin/python -m bench.loss_memory --repeats 3      # best of 3 (timings on a shared machine)
+    .venv/bin/python -m bench.loss_memory --n 512 --vocab 4096   # smoke test, ~30 s
+
+The timings are wall-clock on the CPU: run it when nothing else is, and compare figures of one
+run only.
 """
 
 from __future__ import annotations

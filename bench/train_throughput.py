@@ -11,13 +11,18 @@ optimizer step (no gradient accumulation), max length `--max-length`, lr 5e-5, `
   gradient_accumulation_steps=1, max_length, packing=False (each batch padded to its longest
   sequence), use_cpu, save_strategy="no", logging_steps=1, dataloader_num_workers=0, bf16=False,
   and TRL's defaults otherwise (optimizer `adamw_torch_fused`, linear schedule, grad clip 1.0).
-  It gets the same model object (loaded the same way) and the tokenizer as processing_class.
+  It gets the same model object (loaded the same way) and the tokenizer as processing_class. On a CPU, TRL's fused LM head scores every position of
+  the padded batch, masked ones included (it compacts to the labelled positions only with Triton).
   Step times are taken at each `on_step_end` callback.
 - bare: the same model class on exactly the micro-batches our trainer forms (our
   `load_dataset`, `plan_epoch`, `micro_batches`): `model(input_ids, attention_mask,
   labels=ids-with-(-100), use_cache=False)`, `loss.backward()`, `AdamW.step()`, `zero_grad()`
   (torch AdamW, weight decay 0, as ours). Note the bare model computes HF's full-logits mean NLL
-  over every position, not DFT: it is the "plain forward+backward+optimizer" reference.
+  over every position, not DFT: it is the "plain forward+backward+optimizer" reference, and it
+  does more work in its output layer than ours (which projects the trained positions only).
+  Unless `--no-bare-fused`, the same process then runs the same steps once more as backbone + our
+  fused DFT loss + AdamW ("bare_fused"): ours vs that is our trainer's own overhead (collation,
+  grad clipping, scheduler, statistics, metrics log), with the same arithmetic.
 
 Which tokens are trained. Ours trains each weight-1 assistant message's content plus its
 `<|im_end|>`. For TRL the same conversations are given with `assistant_only_loss=True` and a chat
@@ -29,22 +34,24 @@ as prompt/completion (completion-only loss, TRL adds the EOS). Trained tokens ar
 system's own batches: ours from its metrics rows (`step_tokens`), TRL from the labels of each
 batch (`labels[:, 1:] != -100`) in a `compute_loss` override that only counts.
 
-Which sequences. With `--trl-order same` (default) TRL gets exactly our optimizer steps: the
-examples of our step plan, in our order, through TRL's sequential sampler, so all three systems
-train the same sequences per optimizer step and pad the same way, and the ratio compares the
-implementations. With `--trl-order random` TRL uses its default random sampler over the whole
-file (seed 42) and so also pads more (ours groups steps by length): a system-level comparison.
+Which sequences. Both systems train the same file with the same number of sequences per optimizer
+step. With `--trl-order random` (default) TRL uses its own default random sampler over the whole
+file (seed 42), as a TRL user gets it, and so pads more (ours groups steps by length): the
+system-level comparison the goal is about. With `--trl-order same` TRL gets exactly our optimizer
+steps (our step plan, in our order, through TRL's sequential sampler), so both pad the same way and
+the ratio compares the implementations alone.
 
 Timing: model loading, dataset preparation and the first (warm-up) step are excluded; the figures
 are over steps 2..N: tokens/s = trained tokens of steps 2..N / (time at the end of step N - time
 at the end of step 1). Each system runs in its own subprocess, one after the other.
 
 Goals (measured in the same run): ours/TRL trained-tokens-per-second ratio >= 1.5; our overhead
-vs bare (our s/step / bare s/step - 1, same steps) <= 10%.
+vs bare (our s/step / bare s/step - 1, same steps) <= 10%. The timings are wall-clock on a shared
+2-core machine: run it when nothing else is, and compare figures of one run only.
 
 Output: one JSON line on stdout (progress on stderr). Run from the repository root:
 
-    .venv/bin/python -m bench.train_throughput                 # 8 steps, ~5-10 minutes on 2 cores
+    .venv/bin/python -m bench.train_throughput                 # 8 steps, ~10 minutes on 2 cores
     .venv/bin/python -m bench.train_throughput --steps 2 --batch-size 2   # smoke test
 """
 
@@ -70,24 +77,26 @@ GOAL_RATIO = 1.5  # ours / trl trained tokens per second, at least
 GOAL_OVERHEAD = 0.10  # ours / bare - 1, at most
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
-# SmolLM2-135M-Instruct's chat template, with each trained assistant message's content and its
-# end-of-turn token marked for TRL's assistant-only loss. Renders the same text as the original.
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+# SmolLM2-135M-Instruct's chat template (its '\n' are newline characters inside Jinja strings), and
+# the same with each trained assistant message's content and end-of-turn token marked for TRL's
+# assistant-only loss (a message without "weight" counts as trained). Both render the same text.
+_SYSTEM = (
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}"
 )
+_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+_TAIL = "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+_HEAD = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+SMOLLM2_TEMPLATE = _HEAD + _SYSTEM + "{% endif %}" + _TURN + _TAIL
 TRL_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\\n' }}{% endif %}"
-    "{% if message['role'] == 'assistant' and message['weight'] == 1 %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\\n' }}"
-    "{% else %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    _HEAD
+    + _SYSTEM
+    + "{% endif %}{% if message['role'] == 'assistant' and message['weight'] != 0 %}"
+    + "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    + "{% endgeneration %}{{ '\n' }}{% else %}"
+    + _TURN
+    + "{% endif %}"
+    + _TAIL
 )
 
 
@@ -219,6 +228,7 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from worker.training.data import micro_batches
+    from worker.training.loss import fused_linear_cross_entropy
     from worker.training.model import load_model
 
     torch.manual_seed(args.seed)
@@ -227,22 +237,48 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     data = load_tokenized(Path(args.train_file), tokenizer, args.max_length)
     plan = step_plan(data.examples, args.batch_size, args.steps, args.seed)
     batches = [micro_batches(data.examples, step, 1, pad_id)[0] for step in plan]
+    # Same padded tensors as ours; labels: the trained tokens, -100 elsewhere (the model shifts them).
+    labels = [torch.where(b.trained, b.input_ids, torch.full_like(b.input_ids, -100)) for b in batches]
+    shapes = [{"trained": b.n_trained, "real": b.n_real, "processed": b.n_processed} for b in batches]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model.train()
-    ends: list[float] = []
-    start = time.perf_counter()
-    for i, mb in enumerate(batches):
-        # Same padded tensors as ours; labels: the trained tokens, -100 elsewhere (HF shifts them).
-        labels = torch.where(mb.trained, mb.input_ids, torch.full_like(mb.input_ids, -100))
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels, use_cache=False)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ends.append(time.perf_counter())
-        log(f"bare: step {i + 1}: {ends[-1] - (ends[-2] if i else start):.2f} s")
-    shapes = [{"trained": b.n_trained, "real": b.n_real, "processed": b.n_processed} for b in batches]
-    result = summarize(ends, [s["trained"] for s in shapes], shapes)
-    result["first_step_s"] = ends[0] - start
+
+    def hf_loss(i: int) -> Any:  # the model's own forward and loss (full logits, mean NLL)
+        mb = batches[i]
+        out = model(
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels[i], use_cache=False
+        )
+        return out.loss
+
+    def fused_loss(i: int) -> Any:  # the backbone and our fused DFT loss, as ours computes it
+        mb = batches[i]
+        out = model.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        keep = mb.trained[:, 1:]
+        h = out.last_hidden_state[:, :-1][keep]
+        y = mb.input_ids[:, 1:][keep]
+        loss, _ = fused_linear_cross_entropy(
+            h, model.lm_head.weight, y, mode="dft", normalizer=max(mb.n_trained, 1)
+        )
+        return loss
+
+    def loop(name: str, loss_fn: Any) -> dict[str, Any]:
+        ends: list[float] = []
+        start = time.perf_counter()
+        for i in range(len(batches)):
+            loss_fn(i).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ends.append(time.perf_counter())
+            log(f"{name}: step {i + 1}: {ends[-1] - (ends[-2] if i else start):.2f} s")
+        result = summarize(ends, [s["trained"] for s in shapes], shapes)
+        result["first_step_s"] = ends[0] - start
+        return result
+
+    result = loop("bare", hf_loss)
+    if args.bare_fused:
+        # The same steps again with our loss in place of the model's: what our trainer adds to its own
+        # compute (collation, clipping, scheduler, bookkeeping, logging). Its first step is untimed too.
+        result["fused"] = loop("bare+fused", fused_loss)
     return result
 
 
@@ -270,6 +306,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from worker.training.model import load_model
 
     torch.manual_seed(args.seed)
+    model: Any
     model, tokenizer = load_model(gguf_path())
     _fmt, raw = read_examples(Path(args.train_file), max_line_bytes=MAX_LINE_BYTES)
     records, is_chat = _trl_records(raw)
@@ -289,6 +326,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer.chat_template = TRL_TEMPLATE
 
     plan = step_plan(ours.examples, args.batch_size, args.steps, args.seed)
+    if args.trl_order == "same" and any(len(step) != args.batch_size for step in plan):
+        raise SystemExit("trl: --trl-order same needs full steps; our plan has a short last step of an epoch")
     if args.trl_order == "same":
         ordered = [ours.examples[i] for step in plan for i in step]  # our steps, in our order
         train_records = [records[by_line[e.line]] for e in ordered]
@@ -428,6 +467,8 @@ def run_child(system: str, args: argparse.Namespace) -> dict[str, Any]:
         ]
         if args.trl_optim:
             cmd += ["--trl-optim", args.trl_optim]
+        if not args.bare_fused:
+            cmd += ["--no-bare-fused"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, stdout=sys.stderr, check=False)  # our stdout: the JSON only
         if proc.returncode != 0 or not out.exists():
@@ -443,7 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Trained tokens per second of our trainer vs TRL's SFTTrainer (loss_type='dft') vs the "
         "bare model's forward+backward+AdamW, SmolLM2-135M on the CPU. Prints one JSON line.",
     )
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per system; the first is untimed")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps, 1st untimed (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (default 8)")
     p.add_argument("--max-length", type=int, default=512, help="max sequence length (default 512)")
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5)")
@@ -456,10 +497,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--trl-order",
         choices=("same", "random"),
-        default="same",
-        help="same: TRL trains our exact steps (default); random: TRL's own random sampler",
+        default="random",
+        help="random: TRL's own random sampler, what a TRL user gets (default); same: TRL trains our exact steps",
     )
     p.add_argument("--trl-optim", default=None, help="TRL optimizer name (default: TRL's default)")
+    p.add_argument(
+        "--no-bare-fused",
+        dest="bare_fused",
+        action="store_false",
+        help="skip the second bare loop (backbone + our fused loss + AdamW on the same steps)",
+    )
     p.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}"
     )
@@ -501,11 +548,21 @@ def main(argv: list[str] | None = None) -> int:
         if "s_per_step" in ours and "s_per_step" in bare
         else None
     )
+    fused = bare.get("fused", {})
+    overhead_fused = (
+        ours["s_per_step"] / fused["s_per_step"] - 1.0
+        if "s_per_step" in ours and "s_per_step" in fused
+        else None
+    )
     failed = [s for s, r in results.items() if "error" in r]
     out: dict[str, Any] = {
         "bench": "train_throughput",
         "model": GGUF_NAME,
-        "train_file": os.path.relpath(args.train_file, REPO),
+        "train_file": (
+            str(Path(args.train_file).relative_to(REPO))
+            if Path(args.train_file).is_relative_to(REPO)
+            else args.train_file
+        ),
         "steps": args.steps,
         "timed_steps": args.steps - 1,
         "batch_size": args.batch_size,
@@ -518,10 +575,18 @@ def main(argv: list[str] | None = None) -> int:
         "ours_s_per_step": ours.get("s_per_step"),
         "bare_s_per_step": bare.get("s_per_step"),
         "ours_overhead_vs_bare": overhead,
+        # vs the backbone + our fused loss + AdamW on the same steps: the trainer's own overhead
+        "bare_fused_s_per_step": fused.get("s_per_step"),
+        "ours_overhead_vs_bare_fused": overhead_fused,
         "padding_fraction": {s: r.get("padding_fraction") for s, r in results.items()},
         "bare_same_tokens_as_ours": (
             ours["step_tokens"] == bare["step_tokens"]
             if "step_tokens" in ours and "step_tokens" in bare
+            else None
+        ),
+        "trl_same_tokens_as_plan": (
+            trl["step_tokens"] == trl["plan_trained_tokens"]
+            if trl.get("plan_trained_tokens") is not None and "step_tokens" in trl
             else None
         ),
         "systems": results,

@@ -8,13 +8,14 @@ gradients themselves. The gradients are computed in the forward pass from their 
     dL/dz_t = w_t * (softmax(z_t) - onehot(y_t)) / N,   w_t = 1 (SFT) or sg(p_t) (DFT)
 
 so forward + backward costs the three `[n, d] x [d, V]`-sized matrix products the gradient
-needs and no recomputation. The scale `w_t / N` is folded into the small `[c, d]` operands of
-those products instead of a pass over the `[c, V]` tile:
+needs and no recomputation. The one-hot is subtracted from the softmax tile in place (one entry
+per row), and the scale `c = w / N` is folded into the small `[c, d]` operands of the products
+instead of a pass over the `[c, V]` tile:
 
-    grad_h = c ⊙ (P @ W) - c ⊙ W[y]            grad_W = P^T @ (c ⊙ h) - scatter_y(c ⊙ h)
+    G = softmax(z) - onehot(y)          grad_h = c ⊙ (G @ W)          grad_W = G^T @ (c ⊙ h)
 
-with `P = softmax(z)` and `c = w / N`. All arithmetic is fp32 whatever the input dtype (bf16
-hidden states under autocast, say), so sums over long sequences do not lose precision.
+All arithmetic is fp32 whatever the input dtype (bf16 hidden states under autocast, say), so
+sums over long sequences do not lose precision.
 """
 
 from __future__ import annotations
@@ -168,18 +169,18 @@ def _chunked_forward(
         ).double()
         if not need_grad:
             continue
+        # softmax - onehot, in place: c entries of the tile, not a pass over it
+        rows_idx = torch.arange(rows, device=device)
+        p[rows_idx, y] -= 1.0
         coef = (w_t / normalizer)[:, None]  # [c, 1]
         if grad_h is not None:
-            # c ⊙ (P @ W) - c ⊙ W[y]
             g = grad_h[start:end]
-            torch.mm(p, w32, out=g)
-            g.sub_(w32.index_select(0, y)).mul_(coef)
+            torch.mm(p, w32, out=g)  # [c, d]
+            g.mul_(coef)
         if grad_w is not None:
-            ch = coef * h  # [c, d]
-            grad_w.addmm_(p.t(), ch)
-            grad_w.index_add_(0, y, ch, alpha=-1.0)
+            grad_w.addmm_(p.t(), coef * h)  # [V, d]
         if grad_b is not None:
-            grad_b.add_((p * coef).sum(0)).index_add_(0, y, coef.squeeze(1), alpha=-1.0)
+            grad_b.addmv_(p.t(), coef.squeeze(1))  # [V]
 
 
 def fused_linear_cross_entropy(

@@ -51,10 +51,11 @@ def load_model(spec: str) -> tuple[PreTrainedModel, Any]:
             if not path.is_file():
                 raise ModelLoadError(f"model: GGUF file {spec} does not exist")
             model, tokenizer = _from_pretrained(str(path.parent), gguf_file=path.name)
-            # Weights are dequantised: save and reload as a plain float32 model, not as GGUF.
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None  # type: ignore[assignment]
+            # The weights are dequantised to float32: drop every GGUF flag, so the model trains, saves
+            # and reloads as a plain float32 model (transformers' own remove_quantization_config).
+            quantizer = getattr(model, "hf_quantizer", None)
+            if quantizer is not None:
+                quantizer.remove_quantization_config(model)
         elif path.is_dir():
             if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
                 model, tokenizer = _load_merged_adapter(path)

@@ -58,7 +58,7 @@ def test_smollm2_gguf_loads_dequantised_and_saves_as_plain_model(tmp_path: Path)
     model, tokenizer = load_model(str(smollm2_gguf()))
     assert model.config.vocab_size == 49152 and model.dtype == torch.float32
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    assert not hasattr(model.config, "quantization_config")
+    assert not hasattr(model.config, "quantization_config") and not model.is_quantized
     model.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
