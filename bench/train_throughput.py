@@ -11,8 +11,9 @@ optimizer step (no gradient accumulation), max length `--max-length`, lr 5e-5, `
   gradient_accumulation_steps=1, max_length, packing=False (each batch padded to its longest
   sequence), use_cpu, save_strategy="no", logging_steps=1, dataloader_num_workers=0, bf16=False,
   and TRL's defaults otherwise (optimizer `adamw_torch_fused`, linear schedule, grad clip 1.0).
-  It gets the same model object (loaded the same way) and the tokenizer as processing_class. On a CPU, TRL's fused LM head scores every position of
-  the padded batch, masked ones included (it compacts to the labelled positions only with Triton).
+  It gets the same model object (loaded the same way) and the tokenizer as processing_class.
+  On a CPU, TRL's fused LM head scores every position of the padded batch, masked ones
+  included (it compacts to the labelled positions only with Triton).
   Step times are taken at each `on_step_end` callback.
 - bare: the same model class on exactly the micro-batches our trainer forms (our
   `load_dataset`, `plan_epoch`, `micro_batches`): `model(input_ids, attention_mask,
@@ -498,7 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trl-order",
         choices=("same", "random"),
         default="random",
-        help="random: TRL's own random sampler, what a TRL user gets (default); same: TRL trains our exact steps",
+        help="random: TRL's own sampler, as a TRL user gets it (default); same: TRL trains our exact steps",
     )
     p.add_argument("--trl-optim", default=None, help="TRL optimizer name (default: TRL's default)")
     p.add_argument(
