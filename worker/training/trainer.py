@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -252,7 +253,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # a skipped step still advances the schedule; torch warns when optimizer.step() was not called
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         self.step += 1
 
