@@ -1,0 +1,238 @@
+"""Creating a job: check every value, resolve "auto", honour Idempotency-Key, commit, dispatch.
+
+Each rejection is an APIError whose `param` names the request field at fault. The job is
+committed before the dispatch message is sent: a job that exists only in the broker cannot
+happen, and one whose message is lost waits in the database until it is re-sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.dispatch import send_dispatch
+from service.errors import APIError
+from service.jobs import add_event, set_status
+from service.models import Checkpoint, File, Job, JobStatus, RegisteredModel, Team
+from service.schemas import (
+    AUTO_BATCH_SIZE,
+    AUTO_N_EPOCHS,
+    BASE_LEARNING_RATE,
+    Hyperparameters,
+    JobCreate,
+)
+from service.settings import Settings
+from service.storage import Storage
+
+
+def _request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _resolve_model(session: Session, storage: Storage, team: Team, name: str) -> tuple[str, str | None]:
+    """(source the worker loads, the model's pool) for a registered base model or the team's ft: model."""
+    if name.startswith("ft:"):
+        job = session.scalar(
+            select(Job).where(Job.team_id == team.id, Job.fine_tuned_model == name, Job.status == "succeeded")
+        )
+        checkpoint = None
+        if job is not None:
+            checkpoint = session.scalar(
+                select(Checkpoint)
+                .where(Checkpoint.job_id == job.id)
+                .order_by(Checkpoint.step.desc())
+                .limit(1)
+            )
+        if job is None or checkpoint is None:
+            raise APIError(400, f"model: no fine-tuned model {name!r}", param="model", code="model_not_found")
+        return str(storage.path(checkpoint.storage_path)), job.pool
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    if model is None:
+        raise APIError(
+            400,
+            f"model: {name!r} is not a registered base model (GET /v1/models lists them)",
+            param="model",
+            code="model_not_found",
+        )
+    return model.source, model.pool
+
+
+def _own_file(session: Session, team: Team, file_id: str, param: str) -> File:
+    file = session.scalar(select(File).where(File.id == file_id, File.team_id == team.id))
+    if file is None:
+        raise APIError(400, f"{param}: no such file {file_id!r}", param=param, code="file_not_found")
+    if file.purpose != "fine-tune":
+        raise APIError(
+            400,
+            f"{param}: file {file_id!r} has purpose {file.purpose!r}, not 'fine-tune'",
+            param=param,
+            code="invalid_file",
+        )
+    return file
+
+
+def resolve_hyperparameters(hp: Hyperparameters, *, has_validation: bool, param: str) -> dict[str, Any]:
+    """Every trainer setting with "auto" resolved; the job stores and echoes this."""
+    if hp.learning_rate is not None and hp.learning_rate_multiplier != "auto":
+        raise APIError(
+            400,
+            f"{param}.learning_rate: give learning_rate or learning_rate_multiplier, not both",
+            param=f"{param}.learning_rate",
+        )
+    multiplier = 1.0 if hp.learning_rate_multiplier == "auto" else float(hp.learning_rate_multiplier)
+    batch_size = AUTO_BATCH_SIZE if hp.batch_size == "auto" else int(hp.batch_size)
+    resolved: dict[str, Any] = {
+        "n_epochs": AUTO_N_EPOCHS if hp.n_epochs == "auto" else int(hp.n_epochs),
+        "batch_size": batch_size,
+        "learning_rate_multiplier": multiplier,
+        "learning_rate": hp.learning_rate
+        if hp.learning_rate is not None
+        else BASE_LEARNING_RATE * multiplier,
+    }
+    if hp.gradient_accumulation_steps is not None and batch_size % hp.gradient_accumulation_steps:
+        raise APIError(
+            400,
+            f"{param}.gradient_accumulation_steps: must divide batch_size {batch_size}",
+            param=f"{param}.gradient_accumulation_steps",
+        )
+    if hp.eval_every is not None and not has_validation:
+        raise APIError(400, f"{param}.eval_every: needs a validation_file", param=f"{param}.eval_every")
+    for field in (
+        "max_seq_length",
+        "max_steps",
+        "warmup_ratio",
+        "lr_scheduler",
+        "weight_decay",
+        "max_grad_norm",
+        "gradient_accumulation_steps",
+        "overlength",
+        "checkpoint_every",
+        "eval_every",
+    ):
+        value = getattr(hp, field)
+        if value is not None:
+            resolved[field] = value
+    if hp.lora is not None:
+        resolved["lora"] = hp.lora.model_dump()
+    return resolved
+
+
+def _method_and_hyperparameters(body: JobCreate) -> tuple[str, Hyperparameters, str]:
+    """(loss, hyperparameters, param path of the hyperparameters) from method or the legacy field."""
+    kind = body.method.type if body.method else "supervised"
+    block = getattr(body.method, kind) if body.method else None
+    nested = block.hyperparameters if block else None
+    if nested is not None and body.hyperparameters is not None:
+        raise APIError(
+            400,
+            "hyperparameters: give them in method, not both there and at the top level",
+            param="hyperparameters",
+        )
+    if nested is not None:
+        return ("dft" if kind == "dft" else "sft"), nested, f"method.{kind}.hyperparameters"
+    return ("dft" if kind == "dft" else "sft"), body.hyperparameters or Hyperparameters(), "hyperparameters"
+
+
+def create_job(
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    team: Team,
+    body: JobCreate,
+    idempotency_key: str | None,
+) -> Job:
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 255:
+            raise APIError(400, "Idempotency-Key: 1 to 255 characters", param="Idempotency-Key")
+        existing = session.scalar(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise APIError(
+                    409,
+                    "Idempotency-Key was already used with a different request",
+                    param="Idempotency-Key",
+                    code="idempotency_key_reused",
+                )
+            return existing
+
+    source, model_pool = _resolve_model(session, storage, team, body.model)
+    _own_file(session, team, body.training_file, "training_file")
+    if body.validation_file is not None:
+        _own_file(session, team, body.validation_file, "validation_file")
+    loss, hp, hp_param = _method_and_hyperparameters(body)
+    resolved = resolve_hyperparameters(hp, has_validation=body.validation_file is not None, param=hp_param)
+    method_type = "dft" if loss == "dft" else "supervised"
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.team_id == team.id, Job.status.in_(("queued", "validating_files")))
+    )
+    if int(waiting or 0) >= team.max_queued_jobs:
+        raise APIError(
+            429,
+            f"Your team has {waiting} queued jobs, its limit (max_queued_jobs); "
+            "wait for some to start or cancel some",
+            code="quota_exceeded",
+        )
+
+    job = Job(
+        team_id=team.id,
+        status=JobStatus.VALIDATING_FILES.value,
+        model=body.model,
+        model_source=source,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        method={"type": method_type, method_type: {"hyperparameters": resolved}},
+        loss=loss,
+        hyperparameters=resolved,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        suffix=body.suffix,
+        user_metadata=body.metadata,
+        pool=body.pool or model_pool or settings.default_pool,
+        priority=body.priority,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        result_files=[],
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job, f"Created fine-tuning job: {loss.upper()} of {body.model}")
+    set_status(session, job, JobStatus.QUEUED, "Files validated; job queued")
+    try:
+        session.commit()
+    except IntegrityError:  # the same Idempotency-Key raced in from another request
+        session.rollback()
+        existing = session.scalar(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is None or existing.request_hash != request_hash:
+            raise APIError(
+                409,
+                "Idempotency-Key was already used with a different request",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            ) from None
+        return existing
+
+    if send_dispatch(settings, job.pool):
+        job.dispatched_at = time.time()
+    else:
+        add_event(
+            session,
+            job,
+            "The job queue is unreachable; the job waits and is dispatched when it is back",
+            level="warn",
+        )
+    session.commit()
+    return job

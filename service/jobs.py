@@ -1,0 +1,148 @@
+"""The job lifecycle: one `set_status` for every transition, events, and the job object.
+
+    validating_files -> queued -> running -> succeeded
+          |               |          |----> failed
+          v               v          |----> cancelled
+        failed        cancelled      '----> queued   (lease lost; attempt + 1)
+
+Every transition goes through `set_status`, which rejects illegal moves and writes an event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.models import Job, JobEvent, JobStatus, now_s
+from service.schemas import Job as JobSchema
+from service.schemas import JobError, Progress
+
+S = JobStatus
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    S.VALIDATING_FILES: frozenset({S.QUEUED, S.FAILED, S.CANCELLED}),
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, job: Job, new: JobStatus) -> None:
+        super().__init__(f"job {job.id} cannot go from {job.status} to {new.value}")
+        self.job = job
+        self.new = new
+
+
+def add_event(
+    session: Session,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job.id, attempt=job.attempt, level=level, type=type, message=message, data=data)
+    session.add(event)
+    return event
+
+
+def set_status(
+    session: Session,
+    job: Job,
+    new: JobStatus,
+    message: str | None = None,
+    *,
+    level: str = "info",
+    error: dict[str, Any] | None = None,
+) -> None:
+    """Move `job` to `new` (raises IllegalTransition) and record why; the caller commits."""
+    old = JobStatus(job.status)
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(job, new)
+    job.status = new.value
+    if new.is_terminal:
+        job.finished_at = now_s()
+        job.lease_expires_at = None
+        job.estimated_finish = None
+    if new == S.RUNNING and job.started_at is None:
+        job.started_at = now_s()
+    if error is not None:
+        job.error = error
+    add_event(
+        session,
+        job,
+        message or f"Job {new.value.replace('_', ' ')}",
+        level=level,
+        data={"status": new.value, "from": old.value},
+    )
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based place among the pool's queued jobs (priority first, then age); None unless queued."""
+    if job.status != S.QUEUED.value:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.pool == job.pool,
+            Job.status == S.QUEUED.value,
+            (Job.priority > job.priority) | ((Job.priority == job.priority) & (Job.pk < job.pk)),
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+def to_schema(job: Job, *, position: int | None = None) -> JobSchema:
+    hp = job.hyperparameters
+    return JobSchema(
+        id=job.id,
+        created_at=job.created_at,
+        error=JobError(**job.error) if job.error else None,
+        fine_tuned_model=job.fine_tuned_model,
+        finished_at=job.finished_at,
+        hyperparameters={k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if k in hp},
+        model=job.model,
+        organization_id=job.team_id,
+        result_files=list(job.result_files or []),
+        seed=job.seed,
+        status=job.status,
+        trained_tokens=job.trained_tokens,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        estimated_finish=job.estimated_finish,
+        metadata=job.user_metadata,
+        method=job.method,
+        user_provided_suffix=job.suffix,
+        pool=job.pool,
+        priority=job.priority,
+        attempt=job.attempt,
+        cancel_requested=job.cancel_requested,
+        progress=Progress(
+            steps_completed=job.steps_completed,
+            total_steps=job.total_steps,
+            trained_tokens=job.trained_tokens,
+            tokens_per_sec=job.tokens_per_sec,
+        ),
+        queue_position=position,
+    )
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """Queued (or validating): cancelled at once. Running: flagged; the worker stops at the next step."""
+    status = JobStatus(job.status)
+    if status.is_terminal:
+        raise IllegalTransition(job, S.CANCELLED)
+    if status == S.RUNNING:
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            add_event(session, job, "Cancellation requested; the job stops after its current step")
+    else:
+        job.cancel_requested = True
+        set_status(session, job, S.CANCELLED, "Job cancelled")
+    session.commit()

@@ -1,0 +1,48 @@
+"""The FastAPI application: `create_app()` wires settings, database, storage, errors and routers.
+
+This module (and everything it imports) never imports torch: the API process stays small and
+starts fast. `uvicorn service.main:app` or `tunepool api` serve it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import admin, files, health, jobs, models
+from service.db import Database
+from service.errors import install_error_handlers
+from service.schemas import ErrorBody
+from service.settings import Settings, get_settings
+from service.storage import Storage
+
+DESCRIPTION = """Self-hosted fine-tuning with Dynamic Fine-Tuning (DFT) or plain SFT, OpenAI-compatible.
+
+Authenticate with `Authorization: Bearer <key>` (`tunepool admin create-team NAME` prints one).
+`method: {"type": "dft"}` trains with DFT, `{"type": "supervised"}` with SFT."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.db.dispose()
+
+    app = FastAPI(
+        title="tunepool",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+    )
+    app.state.settings = settings
+    app.state.db = Database(settings)
+    app.state.storage = Storage(settings.artifacts)
+    install_error_handlers(app)
+    for module in (health, files, jobs, models, admin):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,104 @@
+"""The one Settings class: read by API, worker and CLI alike (env prefix TUNEPOOL_).
+
+Nothing else in tunepool reads os.environ. The defaults run on one machine with nothing but
+Python: a SQLite database and a SQLite-backed Celery transport under ./.tunepool/, and artifacts
+in ./.tunepool/artifacts. Production points TUNEPOOL_DATABASE_URL at PostgreSQL and
+TUNEPOOL_BROKER_URL at Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path(".tunepool")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work; the message names each TUNEPOOL_ variable at fault."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEPOOL_", extra="ignore")
+
+    # Where the embedded defaults live (database, broker, artifacts) when not set explicitly.
+    home: Path = DEFAULT_HOME
+    # SQLAlchemy URL: sqlite:///path (one machine) or postgresql+psycopg://user@host/db.
+    database_url: str = ""
+    # Celery broker: sqla+sqlite:///path (embedded) or redis://host:6379/0.
+    broker_url: str = ""
+    # Artifact storage shared by API and workers: uploads, checkpoints, results.
+    storage_dir: Path | None = None
+    # Largest accepted upload, in bytes (413 above it).
+    max_upload_bytes: int = Field(1024**3, ge=1024)
+    # Longest accepted JSONL line of an upload, in bytes.
+    max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Bad lines listed in an upload's 400 error (all are counted).
+    max_reported_errors: int = Field(50, ge=1, le=10_000)
+    # Where `tunepool api` listens.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    # Pool a job goes to when its request names none.
+    default_pool: str = "default"
+    # Seconds the API waits for the broker when sending a dispatch message.
+    broker_timeout_s: float = Field(2.0, gt=0)
+    # Quotas of a new team (changed per team with `tunepool admin set-quota`).
+    default_max_running_jobs: int = Field(2, ge=0)
+    default_max_queued_jobs: int = Field(100, ge=0)
+    default_max_storage_bytes: int = Field(50 * 1024**3, ge=0)
+    # SQLAlchemy connection pool size for PostgreSQL.
+    db_pool_size: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _fill_and_check(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'tunepool.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        if self.storage_dir is None:
+            self.storage_dir = self.home / "artifacts"
+        problems = []
+        if not self.database_url.startswith(("sqlite:", "postgresql")):
+            problems.append(
+                f"TUNEPOOL_DATABASE_URL: expected sqlite:///... or postgresql+psycopg://..., got "
+                f"{self.database_url.split(':', 1)[0]}:..."
+            )
+        if self.database_url.startswith("postgresql://"):
+            self.database_url = "postgresql+psycopg://" + self.database_url.removeprefix("postgresql://")
+        if not self.broker_url.startswith(("sqla+sqlite:", "redis:", "rediss:", "amqp:", "memory:")):
+            problems.append("TUNEPOOL_BROKER_URL: expected sqla+sqlite:///..., redis://... or amqp://...")
+        if self.max_line_bytes > self.max_upload_bytes:
+            problems.append("TUNEPOOL_MAX_LINE_BYTES: larger than TUNEPOOL_MAX_UPLOAD_BYTES")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def artifacts(self) -> Path:
+        assert self.storage_dir is not None
+        return self.storage_dir
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and overrides); SettingsError with every bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            name = f"TUNEPOOL_{loc.upper()}" if loc else ""
+            lines.append(f"{name}: {e['msg'].removeprefix('Value error, ')}" if name else e["msg"])
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
