@@ -24,6 +24,13 @@ def queue_name(pool: str) -> str:
     return f"pool.{pool}"
 
 
+def transport_options(broker_url: str, timeout_s: float) -> dict[str, Any]:
+    """Fail fast instead of retrying forever when the broker is down (Redis needs socket timeouts)."""
+    if broker_url.startswith(("redis:", "rediss:")):
+        return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "max_retries": 0}
+    return {"max_retries": 0}
+
+
 @lru_cache(maxsize=4)
 def _celery(broker_url: str, timeout_s: float) -> Any:
     from celery import Celery
@@ -35,11 +42,7 @@ def _celery(broker_url: str, timeout_s: float) -> Any:
         broker_connection_retry=False,
         broker_connection_retry_on_startup=False,
         broker_connection_timeout=timeout_s,
-        broker_transport_options={
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
-            "max_retries": 0,
-        },
+        broker_transport_options=transport_options(broker_url, timeout_s),
     )
     return app
 

@@ -73,8 +73,16 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Names pydantic puts in an error's location for the branch of a union that failed; not fields.
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "json-or-python"}
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header") and str(p) not in _UNION_TAGS and "[" not in str(p)
+    ]
     return ".".join(parts) or None
 
 
@@ -95,8 +103,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message, param = "the request body is not valid JSON", None
         elif param:
             message = f"{param}: {message}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        others = {_param(tuple(e.get("loc", ()))) for e in errors[1:]} - {param}
+        if others:
+            message += f" (also: {', '.join(sorted(map(str, others)))})"
         return error_response(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

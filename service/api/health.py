@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from service.api.deps import SessionDep, SettingsDep
+from service.dispatch import transport_options
 from service.errors import error_response
 
 router = APIRouter(tags=["health"])
@@ -21,11 +22,8 @@ def broker_reachable(broker_url: str, timeout_s: float) -> bool:
     from kombu import Connection
 
     try:
-        with Connection(
-            broker_url,
-            connect_timeout=timeout_s,
-            transport_options={"socket_connect_timeout": timeout_s, "max_retries": 0},
-        ) as conn:
+        options = transport_options(broker_url, timeout_s)
+        with Connection(broker_url, connect_timeout=timeout_s, transport_options=options) as conn:
             conn.ensure_connection(max_retries=0, timeout=timeout_s)
         return True
     except Exception:

@@ -104,7 +104,7 @@ def cancel(fine_tuning_job_id: str, session: SessionDep, team: CurrentTeam) -> J
     except IllegalTransition:
         raise APIError(
             409,
-            f"Job {job.id} has already {job.status}; it cannot be cancelled",
+            f"Job {job.id} is already {job.status}; it cannot be cancelled",
             param="fine_tuning_job_id",
             code="job_finished",
         ) from None

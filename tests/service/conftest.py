@@ -89,8 +89,12 @@ def _start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Pop
     log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -130,10 +134,16 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "TUNEPOOL_STORAGE_DIR": str(home / "artifacts"),
         "TUNEPOOL_MAX_UPLOAD_BYTES": str(300 * 1024 * 1024),
     }
-    subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)  # fmt: skip
-    settings = load_settings(home=home, database_url=database_url, broker_url=broker_url,
-                             storage_dir=home / "artifacts", max_upload_bytes=300 * 1024 * 1024)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    settings = load_settings(
+        home=home,
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_dir=home / "artifacts",
+        max_upload_bytes=300 * 1024 * 1024,
+    )
     proc = _start_api(env, port, home / "api.log")
     db = Database(settings)
     stack = Stack(backend, f"http://127.0.0.1:{port}", settings, env, db, proc)
@@ -160,13 +170,20 @@ def chat_jsonl(n: int = 4) -> bytes:
     import json
 
     rows = [
-        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
-                      {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i}?"},
+                {"role": "assistant", "content": f"{i} + {i} = {2 * i}."},
+            ]
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def upload(client: TeamClient | httpx.Client, content: bytes, filename: str = "train.jsonl") -> httpx.Response:
-    return client.post("/v1/files", files={"file": (filename, content, "application/jsonl")},
-                       data={"purpose": "fine-tune"})  # fmt: skip
+def upload(
+    client: TeamClient | httpx.Client, content: bytes, filename: str = "train.jsonl"
+) -> httpx.Response:
+    return client.post(
+        "/v1/files", files={"file": (filename, content, "application/jsonl")}, data={"purpose": "fine-tune"}
+    )
