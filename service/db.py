@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
@@ -51,3 +51,20 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def lock_team(session: Session, team_id: str) -> None:
+    """Serialise this transaction with the team's other writers (uploads, job creation).
+
+    A no-op UPDATE of the team's row: it takes the row lock on PostgreSQL and the database's write
+    lock on SQLite (where a SELECT would not even start a transaction), so quota checks and the
+    rows they count cannot change underneath the caller until it commits or rolls back.
+    """
+    from service.models import Team
+
+    session.execute(
+        update(Team)
+        .where(Team.id == team_id)
+        .values(max_storage_bytes=Team.max_storage_bytes)
+        .execution_options(synchronize_session=False)
+    )

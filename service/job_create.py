@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.db import lock_team
 from service.dispatch import send_dispatch
 from service.errors import APIError
 from service.jobs import add_event, set_status
@@ -66,7 +67,9 @@ def _resolve_model(session: Session, storage: Storage, team: Team, name: str) ->
 
 
 def _own_file(session: Session, team: Team, file_id: str, param: str) -> File:
-    file = session.scalar(select(File).where(File.id == file_id, File.team_id == team.id))
+    # FOR SHARE: a concurrent DELETE of the file waits for this job to commit, then sees it (409).
+    query = select(File).where(File.id == file_id, File.team_id == team.id).with_for_update(read=True)
+    file = session.scalar(query)
     if file is None:
         raise APIError(400, f"{param}: no such file {file_id!r}", param=param, code="file_not_found")
     if file.purpose != "fine-tune":
@@ -166,6 +169,7 @@ def create_job(
                 )
             return existing
 
+    lock_team(session, team.id)  # one job creation per team at a time: quota and files checks hold
     source, model_pool = _resolve_model(session, storage, team, body.model)
     _own_file(session, team, body.training_file, "training_file")
     if body.validation_file is not None:

@@ -6,6 +6,7 @@ starts fast. `uvicorn service.main:app` or `tunepool api` serve it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
     )
+    # python-multipart logs a warning per malformed upload; the 400 answer already says it all.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     app.state.settings = settings
     app.state.db = Database(settings)
     app.state.storage = Storage(settings.artifacts)

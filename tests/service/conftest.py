@@ -85,7 +85,7 @@ class Stack:
         return sorted(p for p in self.settings.artifacts.rglob("*") if p.is_file())
 
 
-def _start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
@@ -144,7 +144,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         storage_dir=home / "artifacts",
         max_upload_bytes=300 * 1024 * 1024,
     )
-    proc = _start_api(env, port, home / "api.log")
+    proc = start_api(env, port, home / "api.log")
     db = Database(settings)
     stack = Stack(backend, f"http://127.0.0.1:{port}", settings, env, db, proc)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.service.conftest import ROOT, Stack, _start_api, free_port
+from tests.service.conftest import ROOT, Stack, free_port, start_api
 
 
 def test_importing_the_api_does_not_import_torch() -> None:
@@ -69,7 +69,7 @@ def test_a_500_never_leaks_a_trace(stack: Stack, tmp_path: Path) -> None:
         url = "postgresql+psycopg://postgres@127.0.0.1:5432/tunepool_no_such_database"
     env = {**stack.env, "TUNEPOOL_DATABASE_URL": url}
     port = free_port()
-    proc = _start_api(env, port, tmp_path / "api.log")
+    proc = start_api(env, port, tmp_path / "api.log")
     try:
         client = stack.team()
         response = httpx.get(

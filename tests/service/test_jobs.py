@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from service.models import Team
-from tests.service.conftest import Stack, _start_api, free_port
+from tests.service.conftest import Stack, free_port, start_api
 from tests.service.helpers import (
     MODEL,
     add_checkpoint,
@@ -351,7 +351,7 @@ def test_broker_down_keeps_the_job_queued_and_readyz_says_so(stack: Stack, tmp_p
 
     env = {**stack.env, "TUNEPOOL_BROKER_URL": "redis://127.0.0.1:1/0", "TUNEPOOL_BROKER_TIMEOUT_S": "0.5"}
     port = free_port()
-    proc = _start_api(env, port, tmp_path / "api.log")
+    proc = start_api(env, port, tmp_path / "api.log")
     try:
         client = stack.team()
         down = httpx.Client(
