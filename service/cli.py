@@ -1,12 +1,25 @@
-"""The `tunepool` command: serve the API, migrate the database, administer teams and models."""
+"""The `tunepool` command: serve the API, migrate the database, administer teams and models.
+
+`tunepool admin ...` runs the same functions as /v1/admin (service/teams.py) straight on the
+database. A new key is always the last line of stdout: `KEY=$(tunepool admin create-team x | tail -1)`.
+User errors (bad settings, unknown team, unreachable database) print one `error: ...` line to
+stderr and exit non-zero: 2 for settings and usage, 1 for the rest.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
-from service.settings import SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 app = typer.Typer(
     help="tunepool: self-hosted DFT/SFT fine-tuning for a shared GPU pool.", no_args_is_help=True
@@ -15,12 +28,55 @@ admin = typer.Typer(help="Teams, API keys, quotas and the model registry.", no_a
 app.add_typer(admin, name="admin")
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
     try:
         return load_settings()
     except SettingsError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        head, *problems = str(err).splitlines()
+        fail(f"{head} " + "; ".join(p.removeprefix("Value error, ") for p in problems if p), 2)
+
+
+def database_problem(err: Exception) -> str:
+    """One line on a database error: not reachable, or not migrated yet."""
+    orig = getattr(err, "orig", None) or err
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if "no such table" in first or ("relation" in first and "does not exist" in first):
+        return f"the database has no tunepool tables ({first}); run `tunepool migrate` first"
+    if "already exists" in first:
+        return f"the database has tables that `tunepool migrate` did not make ({first}); use an empty one"
+    return f"database unavailable: {first}"
+
+
+def _where(settings: Settings) -> str:
+    return settings.database_url.split("@")[-1]  # never the password
+
+
+@contextmanager
+def admin_session() -> Iterator[tuple[Settings, Session]]:
+    """Settings and a session; AdminError and database errors end the command with one line."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.db import Database
+    from service.teams import AdminError
+
+    settings = _settings()
+    db = None
+    try:
+        db = Database(settings)
+        with db.session() as session:
+            yield settings, session
+    except AdminError as err:
+        fail(str(err))
+    except (SQLAlchemyError, OSError) as err:
+        fail(f"{database_problem(err)} ({_where(settings)})")
+    finally:
+        if db is not None:
+            db.dispose()
 
 
 @app.command()
@@ -33,18 +89,27 @@ def version() -> None:
 
 @app.command()
 def migrate() -> None:
-    """Create or upgrade the database schema to the latest revision."""
-    from service.migrate import upgrade
+    """Create or upgrade the database schema to the latest revision (safe to run again)."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.migrate import current_revision, upgrade
 
     settings = _settings()
-    upgrade(settings)
-    typer.echo(f"database at the latest revision ({settings.database_url.split('@')[-1]})")
+    try:
+        upgrade(settings)
+        revision = current_revision(settings)
+    except CommandError as err:  # e.g. a database at a revision this version does not know
+        fail(f"migration failed: {err}")
+    except (SQLAlchemyError, OSError) as err:
+        fail(f"{database_problem(err)} ({_where(settings)})")
+    typer.echo(f"database at the latest revision, {revision} ({_where(settings)})")
 
 
 @app.command()
 def api(
-    host: str = typer.Option(None, help="interface to listen on (default: TUNEPOOL_API_HOST)"),
-    port: int = typer.Option(None, help="port (default: TUNEPOOL_API_PORT)"),
+    host: str | None = typer.Option(None, help="interface to listen on (default: TUNEPOOL_API_HOST)"),
+    port: int | None = typer.Option(None, help="port (default: TUNEPOOL_API_PORT)"),
 ) -> None:
     """Serve the REST API with uvicorn."""
     import uvicorn
@@ -56,8 +121,17 @@ def api(
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_level="info",
-        access_log=False,
+        access_log=False,  # request lines would carry nothing secret, but keep the log about the service
     )
+
+
+# -- admin ------------------------------------------------------------------------------------
+
+JSON_OPTION = typer.Option(False, "--json", help="print JSON instead of a table")
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2))
 
 
 @admin.command("create-team")
@@ -65,21 +139,139 @@ def create_team_cmd(
     name: str, is_admin: bool = typer.Option(False, "--admin", help="give its key admin rights")
 ) -> None:
     """Create a team; its new API key is the last line of the output."""
-    from service.db import Database
-    from service.teams import AdminError, create_team
+    from service.teams import create_team
 
-    settings = _settings()
-    db = Database(settings)
-    try:
-        with db.session() as session:
-            team, key = create_team(session, settings, name, admin=is_admin)
-    except AdminError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+    with admin_session() as (settings, session):
+        team, key = create_team(session, settings, name, admin=is_admin)
     typer.echo(
         f"created team {team.name} ({team.id}){' with an admin key' if is_admin else ''}; its API key:"
     )
     typer.echo(key)
+
+
+@admin.command("create-key")
+def create_key_cmd(team: str, is_admin: bool = typer.Option(False, "--admin", help="an admin key")) -> None:
+    """Create another API key for TEAM; the key is the last line of the output."""
+    from service.teams import new_key, prefix_of
+
+    with admin_session() as (_, session):
+        key = new_key(session, team, admin=is_admin)
+    typer.echo(f"created {'an admin' if is_admin else 'a'} key {prefix_of(key)} for team {team}:")
+    typer.echo(key)
+
+
+@admin.command("revoke-key")
+def revoke_key_cmd(prefix: str = typer.Argument(help="the key's prefix, e.g. tp-AbC12xYz")) -> None:
+    """Revoke an API key by its prefix; it stops working at once."""
+    from service.teams import revoke_key
+
+    with admin_session() as (_, session):
+        record = revoke_key(session, prefix)
+    typer.echo(f"revoked key {record.prefix}")
+
+
+@admin.command("list-keys")
+def list_keys_cmd(team: str, as_json: bool = JSON_OPTION) -> None:
+    """List TEAM's keys by prefix (the keys themselves are never stored)."""
+    from service.admin_schemas import key_object
+    from service.teams import list_keys
+
+    with admin_session() as (_, session):
+        keys = [key_object(k) for k in list_keys(session, team)]
+    if as_json:
+        return _print_json([k.model_dump() for k in keys])
+    from service.cli_tables import keys_table
+
+    keys_table(keys)
+
+
+@admin.command("set-quota")
+def set_quota_cmd(
+    team: str,
+    max_running_jobs: int | None = typer.Option(None, help="jobs of the team that may run at once"),
+    max_queued_jobs: int | None = typer.Option(None, help="jobs of the team that may wait at once"),
+    max_storage_bytes: str | None = typer.Option(None, help="bytes of files: 500000, 10GB, 10GiB or 10G"),
+    share_weight: float | None = typer.Option(None, help="the team's weight in fair share (default 1.0)"),
+) -> None:
+    """Change TEAM's quotas: only the options given change."""
+    from service.teams import AdminError, parse_size, set_quota
+
+    if all(v is None for v in (max_running_jobs, max_queued_jobs, max_storage_bytes, share_weight)):
+        fail(
+            "give at least one of --max-running-jobs, --max-queued-jobs, --max-storage-bytes, --share-weight",
+            2,
+        )
+    try:
+        storage = None if max_storage_bytes is None else parse_size(max_storage_bytes)
+    except AdminError as err:
+        fail(str(err).replace("max_storage_bytes:", "--max-storage-bytes:"), 2)
+    with admin_session() as (_, session):
+        t = set_quota(
+            session,
+            team,
+            max_running_jobs=max_running_jobs,
+            max_queued_jobs=max_queued_jobs,
+            max_storage_bytes=storage,
+            share_weight=share_weight,
+        )
+    typer.echo(
+        f"team {t.name}: max_running_jobs={t.max_running_jobs} max_queued_jobs={t.max_queued_jobs} "
+        f"max_storage_bytes={t.max_storage_bytes} share_weight={t.share_weight:g}"
+    )
+
+
+@admin.command("list-teams")
+def list_teams_cmd(as_json: bool = JSON_OPTION) -> None:
+    """List teams with their quotas and what they use now."""
+    from service.admin_schemas import team_object
+    from service.teams import list_teams
+
+    with admin_session() as (_, session):
+        teams = [team_object(usage) for usage in list_teams(session)]
+    if as_json:
+        return _print_json([t.model_dump() for t in teams])
+    from service.cli_tables import teams_table
+
+    teams_table(teams)
+
+
+@admin.command("add-model")
+def add_model_cmd(
+    name: str = typer.Argument(help="what a job's `model` will name"),
+    source: str = typer.Argument(help="a model directory, a hub id or a .gguf path, as workers see it"),
+    pool: str | None = typer.Option(None, help="the pool its jobs go to (default: TUNEPOOL_DEFAULT_POOL)"),
+) -> None:
+    """Register a base model (or update the source and pool of a registered one)."""
+    from service.teams import add_model
+
+    with admin_session() as (settings, session):
+        model = add_model(session, settings, name, source, pool)
+    typer.echo(f"registered model {model.name} -> {model.source} (pool {model.pool})")
+
+
+@admin.command("remove-model")
+def remove_model_cmd(name: str) -> None:
+    """Unregister a base model."""
+    from service.teams import remove_model
+
+    with admin_session() as (_, session):
+        remove_model(session, name)
+    typer.echo(f"removed model {name}")
+
+
+@admin.command("list-models")
+def list_models_cmd(as_json: bool = JSON_OPTION) -> None:
+    """List the registered base models."""
+    from service.admin_schemas import model_object
+    from service.teams import list_models
+
+    with admin_session() as (_, session):
+        models = [model_object(m) for m in list_models(session)]
+    if as_json:
+        return _print_json([m.model_dump() for m in models])
+    from service.cli_tables import models_table
+
+    models_table(models)
 
 
 if __name__ == "__main__":

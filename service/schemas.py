@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 Auto = Literal["auto"]
-PoolName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+POOL_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # pool names appear in queue names: pool.<name>
+PoolName = Annotated[str, StringConstraints(pattern=POOL_PATTERN)]
 
 # Defaults that "auto" resolves to. The learning rate is the DFT paper's (5e-5) times the multiplier.
 BASE_LEARNING_RATE = 5e-5

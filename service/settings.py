@@ -95,7 +95,8 @@ def load_settings(**overrides: object) -> Settings:
         for e in err.errors():
             loc = ".".join(str(x) for x in e["loc"])
             name = f"TUNEPOOL_{loc.upper()}" if loc else ""
-            lines.append(f"{name}: {e['msg'].removeprefix('Value error, ')}" if name else e["msg"])
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {message}" if name else message)
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
 
 

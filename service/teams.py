@@ -1,13 +1,35 @@
-"""Teams, keys, quotas and the model registry: what admins manage (CLI and /v1/admin alike)."""
+"""Teams, keys, quotas and the model registry: what admins manage (CLI and /v1/admin alike).
+
+Every check lives here, so `tunepool admin ...` and `/v1/admin/...` accept and refuse the same
+things with the same messages. Errors are AdminError: `param` names the field at fault, `status`
+is the HTTP status the API answers with.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import math
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.auth import create_key
-from service.models import ApiKey, RegisteredModel, Team, now_s
+from service.auth import KEY_PREFIX, create_key
+from service.models import ApiKey, File, Job, JobStatus, RegisteredModel, Team, now_s
+from service.schemas import POOL_PATTERN
 from service.settings import Settings
+
+# Team names appear in URLs (/v1/admin/teams/{name}) and shell commands: keep them plain.
+TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The same rule as a job's `pool`.
+POOL_NAME = re.compile(POOL_PATTERN)
+MAX_JOBS = 1_000_000  # max_running_jobs / max_queued_jobs (an INTEGER column)
+MAX_STORAGE_BYTES = 2**63 - 1  # a BIGINT column
+MAX_SHARE_WEIGHT = 1e6
+_PREFIX_LENGTH = len(KEY_PREFIX) + 8
+# Jobs that count against max_queued_jobs (as in service/job_create.py).
+WAITING = (JobStatus.QUEUED.value, JobStatus.VALIDATING_FILES.value)
 
 
 class AdminError(ValueError):
@@ -19,11 +41,21 @@ class AdminError(ValueError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class TeamUsage:
+    """A team with what it uses now: jobs running, jobs waiting, bytes of stored files."""
+
+    team: Team
+    running_jobs: int
+    queued_jobs: int
+    stored_bytes: int
+
+
 def create_team(session: Session, settings: Settings, name: str, *, admin: bool = False) -> tuple[Team, str]:
     """A new team with the default quotas and its first key (returned in clear, once)."""
     name = name.strip()
-    if not name or len(name) > 64:
-        raise AdminError("name: 1 to 64 characters", "name")
+    if not TEAM_NAME.match(name):
+        raise AdminError("name: 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit", "name")
     if session.scalar(select(Team).where(Team.name == name)) is not None:
         raise AdminError(f"name: a team named {name!r} already exists", "name", 409)
     team = Team(
@@ -34,9 +66,13 @@ def create_team(session: Session, settings: Settings, name: str, *, admin: bool 
         share_weight=1.0,
     )
     session.add(team)
-    session.flush()
-    key = create_key(session, team, is_admin=admin)
-    session.commit()
+    try:
+        session.flush()
+        key = create_key(session, team, is_admin=admin)
+        session.commit()
+    except IntegrityError:  # created at the same moment by another request
+        session.rollback()
+        raise AdminError(f"name: a team named {name!r} already exists", "name", 409) from None
     return team, key
 
 
@@ -47,20 +83,84 @@ def team_by_name(session: Session, name: str) -> Team:
     return team
 
 
+def list_teams(session: Session, name: str | None = None) -> list[TeamUsage]:
+    """Every team (or the one named), oldest first, with its current usage."""
+    query = select(Team).order_by(Team.created_at, Team.name)
+    teams = [team_by_name(session, name)] if name is not None else list(session.scalars(query))
+    ids = [t.id for t in teams]
+    jobs: dict[tuple[str, str], int] = {}
+    for team_id, status, count in session.execute(
+        select(Job.team_id, Job.status, func.count())
+        .where(Job.team_id.in_(ids), Job.status.in_((JobStatus.RUNNING.value, *WAITING)))
+        .group_by(Job.team_id, Job.status)
+    ):
+        jobs[team_id, status] = int(count)
+    stored = dict(
+        session.execute(
+            select(File.team_id, func.sum(File.bytes)).where(File.team_id.in_(ids)).group_by(File.team_id)
+        )
+        .tuples()
+        .all()
+    )
+    return [
+        TeamUsage(
+            team=t,
+            running_jobs=jobs.get((t.id, JobStatus.RUNNING.value), 0),
+            queued_jobs=sum(jobs.get((t.id, s), 0) for s in WAITING),
+            stored_bytes=int(stored.get(t.id) or 0),
+        )
+        for t in teams
+    ]
+
+
 def new_key(session: Session, team_name: str, *, admin: bool = False) -> str:
     key = create_key(session, team_by_name(session, team_name), is_admin=admin)
     session.commit()
     return key
 
 
-def revoke_key(session: Session, prefix: str) -> ApiKey:
+def prefix_of(key: str) -> str:
+    """The visible prefix of a key (what listings show and revoke-key takes)."""
+    return key[:_PREFIX_LENGTH]
+
+
+def key_by_prefix(session: Session, prefix: str) -> ApiKey:
+    """A key record by its visible prefix (`tp-` and 8 characters)."""
+    prefix = prefix.strip()
+    if len(prefix) > _PREFIX_LENGTH:
+        # Never echo it: this may be a whole key, pasted where only its prefix belongs.
+        raise AdminError(
+            f"prefix: a key's prefix is {KEY_PREFIX} and 8 characters, not the whole key", "prefix"
+        )
     record = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
     if record is None:
         raise AdminError(f"prefix: no key with prefix {prefix!r}", "prefix", 404)
+    return record
+
+
+def list_keys(session: Session, team_name: str) -> list[ApiKey]:
+    """A team's keys, revoked ones included (prefixes only: the keys themselves are not stored)."""
+    team = team_by_name(session, team_name)
+    return list(session.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.pk)))
+
+
+def revoke_key(session: Session, prefix: str) -> ApiKey:
+    record = key_by_prefix(session, prefix)
     if record.revoked_at is None:
         record.revoked_at = now_s()
         session.commit()
     return record
+
+
+def parse_size(text: str, param: str = "max_storage_bytes") -> int:
+    """Bytes from a plain integer, `10GB` (powers of 1000), or `10GiB` / `10G` (powers of 1024)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)", text.strip(), re.IGNORECASE)
+    if match is None or (match[3] and not match[2]):
+        raise AdminError(f"{param}: expected bytes, like 500000, 10GB, 10GiB or 10G; got {text!r}", param)
+    number, unit, binary, b = match.groups()
+    power = "kmgtp".index(unit.lower()) + 1 if unit else 0
+    base = 1024 if binary or (unit and not b) else 1000
+    return int(float(number) * base**power)
 
 
 def set_quota(
@@ -73,29 +173,49 @@ def set_quota(
     share_weight: float | None = None,
 ) -> Team:
     team = team_by_name(session, team_name)
-    for field, value in (
-        ("max_running_jobs", max_running_jobs),
-        ("max_queued_jobs", max_queued_jobs),
-        ("max_storage_bytes", max_storage_bytes),
-        ("share_weight", share_weight),
-    ):
+    changes = {
+        "max_running_jobs": max_running_jobs,
+        "max_queued_jobs": max_queued_jobs,
+        "max_storage_bytes": max_storage_bytes,
+        "share_weight": share_weight,
+    }
+    if all(value is None for value in changes.values()):
+        raise AdminError(f"give at least one of {', '.join(changes)}")
+    for field, value in changes.items():
         if value is None:
             continue
-        if value < 0 or (field == "share_weight" and value == 0):
-            raise AdminError(f"{field}: must be positive", field)
-        setattr(team, field, value)
+        if field == "share_weight":
+            if not (math.isfinite(value) and 0 < value <= MAX_SHARE_WEIGHT):
+                raise AdminError(f"{field}: must be a number above 0 and at most {MAX_SHARE_WEIGHT:g}", field)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise AdminError(f"{field}: must be an integer", field)
+        elif not 0 <= value <= (MAX_STORAGE_BYTES if field == "max_storage_bytes" else MAX_JOBS):
+            top = MAX_STORAGE_BYTES if field == "max_storage_bytes" else MAX_JOBS
+            raise AdminError(f"{field}: must be from 0 to {top}", field)
+    for field, value in changes.items():
+        if value is not None:
+            setattr(team, field, value)
     session.commit()
     return team
+
+
+def list_models(session: Session) -> list[RegisteredModel]:
+    return list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.pk)))
 
 
 def add_model(
     session: Session, settings: Settings, name: str, source: str, pool: str | None = None
 ) -> RegisteredModel:
+    """Register a base model, or update the source (and pool, if given) of a registered one."""
     name, source = name.strip(), source.strip()
-    if not name or len(name) > 128 or name.startswith("ft:") or "\x00" in name:
-        raise AdminError("name: 1 to 128 characters, not starting with 'ft:'", "name")
-    if not source:
-        raise AdminError("source: a model directory, a hub id or a .gguf path", "source")
+    if not name or len(name) > 128 or name.startswith("ft:") or any(c.isspace() or c == "\x00" for c in name):
+        raise AdminError("name: 1 to 128 characters, no spaces, not starting with 'ft:'", "name")
+    if not source or len(source) > 1024:
+        raise AdminError(
+            "source: a model directory, a hub id or a .gguf path (up to 1024 characters)", "source"
+        )
+    if pool is not None and not POOL_NAME.match(pool):
+        raise AdminError("pool: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit", "pool")
     existing = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
     if existing is not None:
         existing.source, existing.pool = source, pool or existing.pool
@@ -105,3 +225,12 @@ def add_model(
     session.add(model)
     session.commit()
     return model
+
+
+def remove_model(session: Session, name: str) -> None:
+    """Unregister a base model; jobs that already started from it keep their resolved source."""
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    if model is None:
+        raise AdminError(f"model: no registered model named {name!r}", "model", 404)
+    session.delete(model)
+    session.commit()
