@@ -6,9 +6,9 @@ implementation, access log off):
     python -m uvicorn bench._api_load_bare:app --host 127.0.0.1 --port 8001 --no-access-log
 
 `GET /v1/fine_tuning/jobs/{id}` answers a fixed job-shaped JSON object (a succeeded DFT job with
-the id echoed back, about the size of a real job object) from a plain `def` handler: FastAPI runs
-it in its thread pool, as it runs tunepool's (all `def`) handlers, so the two differ only by what
-tunepool does inside the handler and its dependencies. `GET /async/v1/fine_tuning/jobs/{id}` is the
+the id echoed back, about the size of a real job object) from a plain `def` handler, which FastAPI
+runs in its thread pool: the reference of the goal, the cost of serving a JSON object the way most
+FastAPI services do. (tunepool's read endpoints, the job poll among them, are `async def`.) `GET /async/v1/fine_tuning/jobs/{id}` is the
 same from an `async def` handler (no thread hop): the framework's floor, reported for information.
 """
 

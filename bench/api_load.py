@@ -43,7 +43,7 @@ More workloads (job creation, uploads, mixes) plug in as functions in WORKLOADS 
 request lines; `--clients 32,128` repeats everything per client count.
 
 Goals (issue: API load): at each client count, poll requests/s >= 50% of bare's (the `def`
-endpoint: the same execution model as tunepool's handlers), poll p99 <= 50 ms (and no request
+endpoint: FastAPI's common way to serve an object), poll p99 <= 50 ms (and no request
 timed out), and no poll errors. The load is closed-loop (each connection sends its next request
 when the answer arrives), so mean latency is about clients / throughput: at 32 clients a p99 of
 50 ms needs several hundred requests/s with a short tail, whatever the handler does.

@@ -12,10 +12,12 @@ import hashlib
 import hmac
 import secrets
 import string
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.db import Database
 from service.models import ApiKey, Team, now_s
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -40,19 +42,64 @@ def create_key(session: Session, team: Team, *, is_admin: bool = False) -> str:
     return key
 
 
-def authenticate(session: Session, key: str) -> tuple[Team, ApiKey] | None:
-    """The team and key record of a presented key, or None (unknown, malformed or revoked)."""
+def _prefix(key: str) -> str | None:
     if not key.startswith(KEY_PREFIX) or len(key) > 128:
         return None
-    prefix = key[: len(KEY_PREFIX) + 8]
-    record = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    # Compare digests in constant time: the prefix lookup reveals nothing secret.
-    if record is None or not hmac.compare_digest(record.key_hash, hash_key(key)) or record.revoked_at:
+    return key[: len(KEY_PREFIX) + 8]
+
+
+class AuthCache:
+    """Recently verified keys, so a poll does not pay for a key lookup every time.
+
+    Entries live `ttl` seconds: a key revoked in another process (the CLI, another API replica)
+    stops working within that time; in this process, revoking through the admin API drops it at
+    once. Keyed by the key's hash, never by the key itself.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Team, ApiKey]] = {}
+
+    def get(self, key_hash: str) -> tuple[Team, ApiKey] | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            self._entries.pop(key_hash, None)
+            return None
+        return entry[1], entry[2]
+
+    def put(self, key_hash: str, team: Team, record: ApiKey) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # rare; simpler than LRU and still bounded
+        self._entries[key_hash] = (time.monotonic() + self.ttl, team, record)
+
+    def drop_prefix(self, prefix: str) -> None:
+        for key_hash in [h for h, (_, _, r) in self._entries.items() if r.prefix == prefix]:
+            del self._entries[key_hash]
+
+
+async def authenticate(db: Database, key: str, cache: AuthCache | None = None) -> tuple[Team, ApiKey] | None:
+    """The team and key record of a presented key, or None (unknown, malformed or revoked).
+
+    A cached key costs no database round trip; otherwise one query (key and team joined)."""
+    prefix = _prefix(key)
+    if prefix is None:
         return None
-    team = session.get(Team, record.team_id)
-    if team is None:
-        return None
-    if record.last_used_at is None or now_s() - record.last_used_at >= 60:
-        record.last_used_at = now_s()  # at most one write a minute per key
-        session.commit()
+    digest = hash_key(key)
+    if cache is not None and (hit := cache.get(digest)) is not None:
+        return hit
+    async with db.async_session() as session:
+        query = select(ApiKey, Team).join(Team, Team.id == ApiKey.team_id).where(ApiKey.prefix == prefix)
+        row = (await session.execute(query)).first()
+        # Compare digests in constant time: the prefix lookup reveals nothing secret.
+        if row is None or not hmac.compare_digest(row[0].key_hash, digest) or row[0].revoked_at:
+            return None
+        record, team = row
+        if record.last_used_at is None or now_s() - record.last_used_at >= 60:
+            record.last_used_at = now_s()  # at most one write a minute per key
+            await session.commit()
+    if cache is not None:
+        cache.put(digest, team, record)
     return team, record

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, case, func, select
+from sqlalchemy.orm import Session, aliased
 
 from service.models import Job, JobEvent, JobStatus, now_s
 from service.schemas import Job as JobSchema
@@ -82,23 +82,75 @@ def set_status(
     )
 
 
+def _queued_ahead(pool: Any, priority: Any, pk: Any) -> ColumnElement[int]:
+    """Count of the pool's queued jobs ahead of a job (priority first, then age). The arguments are
+    values, or the outer query's columns for a correlated subquery; the claim-order index serves it."""
+    ahead = aliased(Job)
+    return (
+        select(func.count())
+        .select_from(ahead)
+        .where(
+            ahead.pool == pool,
+            ahead.status == S.QUEUED.value,
+            (ahead.priority > priority) | ((ahead.priority == priority) & (ahead.pk < pk)),
+        )
+        .scalar_subquery()
+    )
+
+
 def queue_position(session: Session, job: Job) -> int | None:
-    """1-based place among the pool's queued jobs (priority first, then age); None unless queued."""
+    """1-based place among the pool's queued jobs; None unless queued."""
     if job.status != S.QUEUED.value:
         return None
-    ahead = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.pool == job.pool,
-            Job.status == S.QUEUED.value,
-            (Job.priority > job.priority) | ((Job.priority == job.priority) & (Job.pk < job.pk)),
-        )
-    )
-    return int(ahead or 0) + 1
+    return int(session.scalar(select(_queued_ahead(job.pool, job.priority, job.pk))) or 0) + 1
 
 
-def to_schema(job: Job, *, position: int | None = None) -> JobSchema:
+# What the job object shows, as columns named like Job's attributes: rows of `select(*JOB_VIEW)`
+# go to `to_schema` as they are. The queue position comes in the same round trip; the CASE keeps
+# the count from running for jobs that are not queued.
+_VIEW_COLUMNS = [
+    "id",
+    "created_at",
+    "error",
+    "fine_tuned_model",
+    "finished_at",
+    "hyperparameters",
+    "model",
+    "team_id",
+    "result_files",
+    "seed",
+    "status",
+    "trained_tokens",
+    "training_file",
+    "validation_file",
+    "estimated_finish",
+    "user_metadata",
+    "method",
+    "suffix",
+    "pool",
+    "priority",
+    "attempt",
+    "cancel_requested",
+    "steps_completed",
+    "total_steps",
+    "tokens_per_sec",
+]
+JOB_VIEW = (
+    *(getattr(Job, name).label(name) for name in _VIEW_COLUMNS),
+    case((Job.status == S.QUEUED.value, _queued_ahead(Job.pool, Job.priority, Job.pk) + 1), else_=None).label(
+        "queue_position"
+    ),
+)
+
+
+def job_view() -> Select[Any]:
+    return select(*JOB_VIEW)
+
+
+def to_schema(job: Job | Any, *, position: int | None = None) -> JobSchema:
+    """The API's job object, from a Job or a row of `job_view()` (which carries its queue position)."""
+    if not isinstance(job, Job):
+        position = job.queue_position
     hp = job.hyperparameters
     return JobSchema(
         id=job.id,

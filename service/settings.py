@@ -49,8 +49,12 @@ class Settings(BaseSettings):
     default_max_running_jobs: int = Field(2, ge=0)
     default_max_queued_jobs: int = Field(100, ge=0)
     default_max_storage_bytes: int = Field(50 * 1024**3, ge=0)
-    # SQLAlchemy connection pool size for PostgreSQL.
+    # Connections per database pool (the API has a sync and an async pool of this size, plus as many
+    # overflow connections each).
     db_pool_size: int = Field(10, ge=1)
+    # Seconds a verified API key is remembered by an API process. A key revoked elsewhere (CLI,
+    # another replica) stops working within this time; 0 checks the database on every request.
+    auth_cache_seconds: float = Field(5.0, ge=0, le=300)
 
     @model_validator(mode="after")
     def _fill_and_check(self) -> Settings:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service import teams
 from service.admin_schemas import (
@@ -105,9 +105,11 @@ def create_key(
 
 
 @router.post("/keys/{prefix}/revoke", response_model=ApiKeyObject, summary="Revoke a key (by its prefix)")
-def revoke_key(prefix: str, session: SessionDep, _admin: AdminTeam) -> ApiKeyObject:
+def revoke_key(prefix: str, request: Request, session: SessionDep, _admin: AdminTeam) -> ApiKeyObject:
     with admin_errors():
-        return key_object(teams.revoke_key(session, prefix))
+        record = teams.revoke_key(session, prefix)
+    request.app.state.auth_cache.drop_prefix(prefix)  # this process forgets it at once
+    return key_object(record)
 
 
 @router.get("/models", response_model=RegisteredModelList, summary="List registered base models")

@@ -1,11 +1,15 @@
-"""Request dependencies: `SessionDep`, `CurrentTeam`, `AdminTeam`, `SettingsDep`, `StorageDep`."""
+"""Request dependencies: `SessionDep`, `CurrentTeam`, `AdminTeam`, `SettingsDep`, `StorageDep`.
+
+The ones that do no blocking I/O are `async def`: each sync dependency costs a thread-pool hop.
+Authentication runs on the async engine, so it never holds a thread or a sync connection."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from service.auth import authenticate
@@ -21,17 +25,27 @@ def get_database(request: Request) -> Database:
     return db
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with get_database(request).session() as session:
-        yield session
+async def get_database_dep(request: Request) -> Database:
+    return get_database(request)
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A sync session for one request, once one of the database's slots is free (see Database)."""
+    db = get_database(request)
+    async with db.slots:
+        session = db.sessions()
+        try:
+            yield session
+        finally:
+            await run_in_threadpool(session.close)
+
+
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
@@ -39,11 +53,12 @@ def get_storage(request: Request) -> Storage:
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+DatabaseDep = Annotated[Database, Depends(get_database_dep)]  # for `async with db.read()`
 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
-def get_auth(request: Request, session: SessionDep) -> tuple[Team, ApiKey]:
+async def get_auth(request: Request) -> tuple[Team, ApiKey]:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if not header:
@@ -53,21 +68,26 @@ def get_auth(request: Request, session: SessionDep) -> tuple[Team, ApiKey]:
             code="missing_api_key",
             headers=_UNAUTHORIZED,
         )
-    found = authenticate(session, key.strip()) if scheme.lower() == "bearer" else None
+    found = None
+    if scheme.lower() == "bearer":
+        found = await authenticate(get_database(request), key.strip(), request.app.state.auth_cache)
     if found is None:
         # Never echo the presented key back: it may be a real key of something else.
         raise APIError(401, "Incorrect API key provided", code="invalid_api_key", headers=_UNAUTHORIZED)
     return found
 
 
-def get_current_team(auth: Annotated[tuple[Team, ApiKey], Depends(get_auth)]) -> Team:
-    return auth[0]
+# Called directly rather than through a `Depends(get_auth)` level: each level costs a dependency
+# resolution on every request, and the job poll is the hottest path there is.
+async def get_current_team(request: Request) -> Team:
+    return (await get_auth(request))[0]
 
 
-def get_admin_team(auth: Annotated[tuple[Team, ApiKey], Depends(get_auth)]) -> Team:
-    if not auth[1].is_admin:
+async def get_admin_team(request: Request) -> Team:
+    team, key = await get_auth(request)
+    if not key.is_admin:
         raise APIError(403, "This endpoint needs an admin API key", code="not_admin")
-    return auth[0]
+    return team
 
 
 CurrentTeam = Annotated[Team, Depends(get_current_team)]

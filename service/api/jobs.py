@@ -9,16 +9,18 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from sqlalchemy import Row, Select, bindparam, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
-from service.api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep, get_database
+from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, SettingsDep, StorageDep, get_database
 from service.archive import DirectoryArchive
+from service.db import FastRead
 from service.errors import APIError, not_found
 from service.job_create import create_job
-from service.jobs import IllegalTransition, queue_position, request_cancel, to_schema
+from service.jobs import IllegalTransition, job_view, queue_position, request_cancel, to_schema
 from service.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus, Team
 from service.schemas import (
     CheckpointList,
@@ -36,20 +38,38 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1-100")]
 
 
+def json_response(model: BaseModel) -> Response:
+    """Serialise once; returning the model would make FastAPI validate it all over again."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _own_job_query(team: Team, job_id: str) -> Select[Job]:
+    return select(Job).where(Job.id == job_id, Job.team_id == team.id)
+
+
 def own_job(session: Session, team: Team, job_id: str) -> Job:
     """The team's job, or the same 404 as an id that does not exist."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team.id))
+    job = session.scalar(_own_job_query(team, job_id))
     if job is None:
         raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
     return job
 
 
-def _cursor_pk(session: Session, model: Any, cursor_id: str | None, param: str, **scope: Any) -> int | None:
+async def own_job_id(conn: AsyncConnection, team: Team, job_id: str) -> str:
+    """`job_id` if it is the team's job, else the same 404 as an id that does not exist."""
+    if await conn.scalar(select(Job.id).where(Job.id == job_id, Job.team_id == team.id)) is None:
+        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+    return job_id
+
+
+async def _cursor_pk(
+    conn: AsyncConnection, model: Any, cursor_id: str | None, param: str, **scope: Any
+) -> int | None:
+    """The pk of a list cursor (an object id within the same scope); a 400 naming `param` if unknown."""
     if cursor_id is None:
         return None
-    pk = session.scalar(
-        select(model.pk).where(model.id == cursor_id, *(getattr(model, k) == v for k, v in scope.items()))
-    )
+    conditions = [getattr(model, k) == v for k, v in scope.items()]
+    pk = await conn.scalar(select(model.pk).where(model.id == cursor_id, *conditions))
     if pk is None:
         raise APIError(400, f"{param}: unknown cursor {cursor_id!r}", param=param, code="invalid_cursor")
     return int(pk)
@@ -69,31 +89,39 @@ def create(
 
 
 @router.get("", response_model=JobList, summary="List the team's jobs, newest first")
-def list_jobs(
+async def list_jobs(
     request: Request,
-    session: SessionDep,
+    db: DatabaseDep,
     team: CurrentTeam,
     after: str | None = None,
     limit: Limit = 20,
     status: JobStatus | None = None,
-) -> JobList:
-    query = select(Job).where(Job.team_id == team.id)
-    start = _cursor_pk(session, Job, after, "after", team_id=team.id)
-    if start is not None:
-        query = query.where(Job.pk < start)
+) -> Response:
+    query = job_view().where(Job.team_id == team.id)
     if status is not None:
         query = query.where(Job.status == status.value)
     for key, value in request.query_params.items():  # metadata[k]=v filters
         if key.startswith("metadata[") and key.endswith("]"):
             query = query.where(Job.user_metadata[key[9:-1]].as_string() == value)
-    jobs = list(session.scalars(query.order_by(Job.pk.desc()).limit(limit + 1)))
-    return JobList(data=[to_schema(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
+    async with db.read() as conn:
+        start = await _cursor_pk(conn, Job, after, "after", team_id=team.id)
+        if start is not None:
+            query = query.where(Job.pk < start)
+        jobs = list(await conn.execute(query.order_by(Job.pk.desc()).limit(limit + 1)))
+    return json_response(JobList(data=[to_schema(j) for j in jobs[:limit]], has_more=len(jobs) > limit))
+
+
+# Built and compiled once: per request, building a statement costs more than running it.
+_RETRIEVE = FastRead(job_view().where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id")))
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobSchema, summary="Retrieve a job")
-def retrieve(fine_tuning_job_id: str, session: SessionDep, team: CurrentTeam) -> JobSchema:
-    job = own_job(session, team, fine_tuning_job_id)
-    return to_schema(job, position=queue_position(session, job))
+async def retrieve(fine_tuning_job_id: str, db: DatabaseDep, team: CurrentTeam) -> Response:
+    async with db.read() as conn:
+        job = await _RETRIEVE.first(conn, {"job_id": fine_tuning_job_id, "team_id": team.id})
+    if job is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, "fine_tuning_job_id")
+    return json_response(to_schema(job))
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=JobSchema, summary="Cancel a job")
@@ -111,7 +139,7 @@ def cancel(fine_tuning_job_id: str, session: SessionDep, team: CurrentTeam) -> J
     return to_schema(job)
 
 
-def _event_schema(e: JobEvent) -> JobEventSchema:
+def _event_schema(e: JobEvent | Row[Any]) -> JobEventSchema:
     return JobEventSchema(
         id=e.id, created_at=e.created_at, level=e.level, message=e.message, type=e.type, data=e.data
     )
@@ -122,50 +150,43 @@ def _event_schema(e: JobEvent) -> JobEventSchema:
     response_model=JobEventList,
     summary="List a job's events, newest first; ?stream=true follows them live (server-sent events)",
 )
-def list_events(
+async def list_events(
     fine_tuning_job_id: str,
     request: Request,
-    session: SessionDep,
+    db: DatabaseDep,
     team: CurrentTeam,
     after: str | None = None,
     limit: Limit = 20,
     stream: bool = False,
-) -> Any:
-    job = own_job(session, team, fine_tuning_job_id)
-    if stream:
-        return StreamingResponse(
-            _event_stream(request, job.id),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    query = select(JobEvent).where(JobEvent.job_id == job.id)
-    start = _cursor_pk(session, JobEvent, after, "after", job_id=job.id)
-    if start is not None:
-        query = query.where(JobEvent.pk < start)
-    events = list(session.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
-    return JobEventList(data=[_event_schema(e) for e in events[:limit]], has_more=len(events) > limit)
+) -> Response:
+    async with db.read() as conn:
+        job_id = await own_job_id(conn, team, fine_tuning_job_id)
+        if stream:
+            return StreamingResponse(
+                _event_stream(request, job_id),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        query = select(JobEvent).where(JobEvent.job_id == job_id)
+        start = await _cursor_pk(conn, JobEvent, after, "after", job_id=job_id)
+        if start is not None:
+            query = query.where(JobEvent.pk < start)
+        events = list(await conn.execute(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
+    return json_response(
+        JobEventList(data=[_event_schema(e) for e in events[:limit]], has_more=len(events) > limit)
+    )
 
 
 async def _event_stream(request: Request, job_id: str, poll_s: float = 0.5) -> AsyncIterator[str]:
     """Every event in order as `data: <json>`, then `event: end` once the job has ended."""
     db = get_database(request)
     last_pk = 0
-
-    def fetch() -> tuple[list[JobEvent], bool]:
-        with db.session() as session:
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
-            events = list(
-                session.scalars(
-                    select(JobEvent)
-                    .where(JobEvent.job_id == job_id, JobEvent.pk > last_pk)
-                    .order_by(JobEvent.pk)
-                    .limit(500)
-                )
-            )
-            return events, status is None or JobStatus(status).is_terminal
-
     while True:
-        events, finished = await run_in_threadpool(fetch)
+        async with db.read() as conn:
+            status = await conn.scalar(select(Job.status).where(Job.id == job_id))
+            query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.pk > last_pk)
+            events = list(await conn.execute(query.order_by(JobEvent.pk).limit(500)))
+        finished = status is None or JobStatus(status).is_terminal
         for event in events:
             last_pk = event.pk
             yield f"id: {event.id}\ndata: {_event_schema(event).model_dump_json()}\n\n"
@@ -178,7 +199,7 @@ async def _event_stream(request: Request, job_id: str, poll_s: float = 0.5) -> A
             await asyncio.sleep(poll_s)
 
 
-def _checkpoint_schema(c: Checkpoint) -> CheckpointObject:
+def _checkpoint_schema(c: Checkpoint | Row[Any]) -> CheckpointObject:
     return CheckpointObject(
         id=c.id,
         created_at=c.created_at,
@@ -190,25 +211,28 @@ def _checkpoint_schema(c: Checkpoint) -> CheckpointObject:
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList, summary="List checkpoints")
-def list_checkpoints(
+async def list_checkpoints(
     fine_tuning_job_id: str,
-    session: SessionDep,
+    db: DatabaseDep,
     team: CurrentTeam,
     after: str | None = None,
     limit: Limit = 10,
-) -> CheckpointList:
-    job = own_job(session, team, fine_tuning_job_id)
-    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    start = _cursor_pk(session, Checkpoint, after, "after", job_id=job.id)
-    if start is not None:
-        query = query.where(Checkpoint.pk < start)
-    found = list(session.scalars(query.order_by(Checkpoint.pk.desc()).limit(limit + 1)))
+) -> Response:
+    async with db.read() as conn:
+        job_id = await own_job_id(conn, team, fine_tuning_job_id)
+        query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+        start = await _cursor_pk(conn, Checkpoint, after, "after", job_id=job_id)
+        if start is not None:
+            query = query.where(Checkpoint.pk < start)
+        found = list(await conn.execute(query.order_by(Checkpoint.pk.desc()).limit(limit + 1)))
     data = [_checkpoint_schema(c) for c in found[:limit]]
-    return CheckpointList(
-        data=data,
-        has_more=len(found) > limit,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
+    return json_response(
+        CheckpointList(
+            data=data,
+            has_more=len(found) > limit,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+        )
     )
 
 
@@ -243,21 +267,16 @@ def checkpoint_content(
 
 
 @router.get("/{fine_tuning_job_id}/metrics", response_model=MetricsList, summary="A job's per-step metrics")
-def metrics(
+async def metrics(
     fine_tuning_job_id: str,
-    session: SessionDep,
+    db: DatabaseDep,
     team: CurrentTeam,
     after_step: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> MetricsList:
-    job = own_job(session, team, fine_tuning_job_id)
-    rows = list(
-        session.scalars(
-            select(JobMetric)
-            .where(JobMetric.job_id == job.id, JobMetric.step > after_step)
-            .order_by(JobMetric.step)
-            .limit(limit + 1)
-        )
-    )
+) -> Response:
+    async with db.read() as conn:
+        job_id = await own_job_id(conn, team, fine_tuning_job_id)
+        query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > after_step)
+        rows = list(await conn.execute(query.order_by(JobMetric.step).limit(limit + 1)))
     data = [MetricRow(step=r.step, attempt=r.attempt, data=r.data) for r in rows[:limit]]
-    return MetricsList(data=data, has_more=len(rows) > limit)
+    return json_response(MetricsList(data=data, has_more=len(rows) > limit))

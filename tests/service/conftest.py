@@ -133,6 +133,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "TUNEPOOL_BROKER_URL": broker_url,
         "TUNEPOOL_STORAGE_DIR": str(home / "artifacts"),
         "TUNEPOOL_MAX_UPLOAD_BYTES": str(300 * 1024 * 1024),
+        # Revocations must show at once in these tests; test_api_basics covers the cache itself.
+        "TUNEPOOL_AUTH_CACHE_SECONDS": "0",
     }
     subprocess.run(
         [sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True

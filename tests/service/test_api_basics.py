@@ -117,3 +117,39 @@ def test_health_and_docs(stack: Stack) -> None:
         assert path in paths, path
     examples = spec["components"]["schemas"]["JobCreate"]["examples"]
     assert {e["method"]["type"] for e in examples} == {"dft", "supervised"}
+
+
+def test_auth_cache_expires_out_of_process_revocations(stack: Stack, tmp_path: Path) -> None:
+    """With a cache, a key revoked elsewhere (the CLI, another replica) stops working within the TTL;
+    one revoked through this process's admin API stops at once."""
+    import time
+
+    from service.teams import prefix_of, revoke_key
+
+    env = {**stack.env, "TUNEPOOL_AUTH_CACHE_SECONDS": "2"}
+    port = free_port()
+    proc = start_api(env, port, tmp_path / "api.log")
+    try:
+        admin = stack.team(admin=True)
+        elsewhere, here = stack.team(), stack.team()
+
+        def status(key: str) -> int:
+            headers = {"Authorization": f"Bearer {key}"}
+            return httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers).status_code
+
+        assert status(elsewhere.key) == 200 and status(here.key) == 200  # both now cached
+        with stack.db.session() as session:
+            revoke_key(session, prefix_of(elsewhere.key))
+        assert status(elsewhere.key) == 200  # still cached: the database was not asked
+        time.sleep(2.5)
+        assert status(elsewhere.key) == 401  # the TTL passed: looked up again, found revoked
+
+        revoked = httpx.post(
+            f"http://127.0.0.1:{port}/v1/admin/keys/{prefix_of(here.key)}/revoke",
+            headers={"Authorization": f"Bearer {admin.key}"},
+        )
+        assert revoked.status_code == 200
+        assert status(here.key) == 401  # dropped from the cache at once
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)

@@ -261,6 +261,29 @@ def test_queue_position_follows_priority_then_age(stack: Stack) -> None:
     assert positions == {urgent["id"]: 1, first["id"]: 2, second["id"]: 3}
 
 
+def test_every_read_path_gives_the_same_job_object(stack: Stack) -> None:
+    """Create (ORM), list (Core rows) and retrieve (compiled once, run on the driver) build the job
+    object three ways: JSON columns, booleans, nulls and the queue position must come out alike."""
+    client = stack.team()
+    queued = new_job(stack, client, metadata={"k": "v"}, suffix="same")
+    assert client.get(f"/v1/fine_tuning/jobs/{queued['id']}").json() == queued
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert [j for j in listed if j["id"] == queued["id"]] == [queued]
+
+    failed = new_job(stack, client)
+    error = {"code": "invalid_training_file", "message": "Line 3: bad role", "param": "training_file"}
+    done = {"status": "failed", "error": error, "result_files": ["file-x"], "cancel_requested": True}
+    set_job(stack, failed["id"], **done, steps_completed=7, total_steps=9, tokens_per_sec=12.5)
+    retrieved = client.get(f"/v1/fine_tuning/jobs/{failed['id']}").json()
+    assert retrieved["error"] == error and retrieved["result_files"] == ["file-x"]
+    assert retrieved["cancel_requested"] is True and retrieved["queue_position"] is None
+    progress = {"steps_completed": 7, "total_steps": 9, "trained_tokens": None, "tokens_per_sec": 12.5}
+    assert retrieved["progress"] == progress
+    assert retrieved["method"] == failed["method"] and retrieved["metadata"] is None
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert [j for j in listed if j["id"] == failed["id"]] == [retrieved]
+
+
 def test_events_pagination_and_live_stream(stack: Stack) -> None:
     client = stack.team()
     job = new_job(stack, client)
