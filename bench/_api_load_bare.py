@@ -8,8 +8,9 @@ implementation, access log off):
 `GET /v1/fine_tuning/jobs/{id}` answers a fixed job-shaped JSON object (a succeeded DFT job with
 the id echoed back, about the size of a real job object) from a plain `def` handler, which FastAPI
 runs in its thread pool: the reference of the goal, the cost of serving a JSON object the way most
-FastAPI services do. (tunepool's read endpoints, the job poll among them, are `async def`.) `GET /async/v1/fine_tuning/jobs/{id}` is the
-same from an `async def` handler (no thread hop): the framework's floor, reported for information.
+FastAPI services do (tunepool's read endpoints, the job poll among them, are `async def`).
+`GET /async/v1/fine_tuning/jobs/{id}` is the same from an `async def` handler (no thread hop): the
+framework's floor, reported for information.
 """
 
 from __future__ import annotations
