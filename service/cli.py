@@ -9,6 +9,8 @@ stderr and exit non-zero: 2 for settings and usage, 1 for the rest.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
+from service.schemas import POOL_PATTERN
 from service.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -123,6 +126,58 @@ def api(
         log_level="info",
         access_log=False,  # request lines would carry nothing secret, but keep the log about the service
     )
+
+
+@app.command()
+def worker(
+    pool: str = typer.Option("default", help="the pool whose queue this worker serves"),
+    gpu: int | None = typer.Option(None, help="GPU index to bind to (CUDA_VISIBLE_DEVICES); none: CPU"),
+) -> None:
+    """Run one training worker (Celery, concurrency 1) for one GPU of a pool."""
+    from worker.process import run_worker  # the one CLI command that needs the worker package
+
+    if not re.fullmatch(POOL_PATTERN, pool):
+        fail(f"--pool: {pool!r} is not a pool name (lowercase letters, digits, '-', '_')", 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(_settings(), pool, gpu)
+
+
+@app.command()
+def reconcile(
+    loop: bool = typer.Option(False, "--loop", help="run every TUNEPOOL_RECONCILE_EVERY_S until stopped"),
+) -> None:
+    """Re-queue jobs whose worker died and re-send lost dispatch messages (workers also do this)."""
+    import time
+
+    from service.db import Database
+    from worker.reconciler import reconcile as reconcile_once
+
+    settings = _settings()
+    db = Database(settings)
+    while True:
+        typer.echo(json.dumps(reconcile_once(db, settings)))
+        if not loop:
+            return
+        time.sleep(settings.reconcile_every_s)
+
+
+@app.command()
+def up(
+    host: str | None = typer.Option(None, help="API interface (default: TUNEPOOL_API_HOST)"),
+    port: int | None = typer.Option(None, help="API port (default: TUNEPOOL_API_PORT)"),
+    pool: str = typer.Option("default", help="the pool of the one worker"),
+    gpu: int | None = typer.Option(None, help="GPU index of the worker (none: CPU)"),
+) -> None:
+    """Migrate, then run the API and one worker (with its reconciler) until Ctrl-C.
+
+    On the embedded defaults (SQLite database and broker under ./.tunepool/) nothing else is
+    needed; with TUNEPOOL_DATABASE_URL and TUNEPOOL_BROKER_URL set, the same processes run
+    against PostgreSQL and Redis."""
+    from service.up import run_stack
+
+    settings = _settings()
+    migrate()
+    sys.exit(run_stack(settings, host or settings.api_host, port or settings.api_port, pool, gpu))
 
 
 # -- admin ------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ from collections import namedtuple
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import Engine, Select, create_engine, event, update
+from sqlalchemy import CursorResult, Engine, Select, create_engine, event, update
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -196,3 +196,9 @@ def lock_team(session: Session, team_id: str) -> None:
         .values(max_storage_bytes=Team.max_storage_bytes)
         .execution_options(synchronize_session=False)
     )
+
+
+def rows_updated(session: Session, statement: Any) -> int:
+    """Execute an UPDATE/DELETE and return how many rows it matched (the conditional-update idiom)."""
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    return int(cast(CursorResult[Any], result).rowcount)

@@ -56,6 +56,30 @@ class Settings(BaseSettings):
     # another replica) stops working within this time; 0 checks the database on every request.
     auth_cache_seconds: float = Field(5.0, ge=0, le=300)
 
+    # --- workers (worker/): leases, heartbeats, recovery
+    # A running job's lease: a worker that has not renewed it for this long is presumed dead, and
+    # the job goes back to the queue (it resumes from its last checkpoint on another worker).
+    lease_s: float = Field(60.0, ge=2)
+    # How often a worker renews its job's lease and publishes progress (well under lease_s).
+    heartbeat_s: float = Field(5.0, gt=0)
+    # How often a worker moves new metrics, events and checkpoints into the database.
+    poll_s: float = Field(0.5, gt=0)
+    # Seconds a running job may take to stop after a cancel before it is killed.
+    cancel_grace_s: float = Field(60.0, ge=0)
+    # Attempts (a lost lease counts as one) before a job fails with `worker_lost`.
+    max_attempts: int = Field(3, ge=1)
+    # How often the reconciler runs, and how long a queued job waits before its dispatch
+    # message is sent again (the broker lost it, or the API died between commit and send).
+    reconcile_every_s: float = Field(5.0, gt=0)
+    redispatch_after_s: float = Field(30.0, gt=0)
+    # Checkpoint every this many steps when a job does not say (a crash loses at most this many).
+    default_checkpoint_every: int = Field(50, ge=1)
+    # Checkpoints kept per job (older ones are deleted from storage as newer ones complete).
+    keep_checkpoints: int = Field(3, ge=1)
+    # Address-space limit of a training process in bytes (0: none). A job that exceeds it fails
+    # with `out_of_memory` instead of taking the node's memory from everything else.
+    job_memory_limit_bytes: int = Field(0, ge=0)
+
     @model_validator(mode="after")
     def _fill_and_check(self) -> Settings:
         if not self.database_url:
@@ -74,6 +98,8 @@ class Settings(BaseSettings):
             self.database_url = "postgresql+psycopg://" + self.database_url.removeprefix("postgresql://")
         if not self.broker_url.startswith(("sqla+sqlite:", "redis:", "rediss:", "amqp:", "memory:")):
             problems.append("TUNEPOOL_BROKER_URL: expected sqla+sqlite:///..., redis://... or amqp://...")
+        if self.heartbeat_s * 2 > self.lease_s:
+            problems.append("TUNEPOOL_HEARTBEAT_S: must be at most half of TUNEPOOL_LEASE_S")
         if self.max_line_bytes > self.max_upload_bytes:
             problems.append("TUNEPOOL_MAX_LINE_BYTES: larger than TUNEPOOL_MAX_UPLOAD_BYTES")
         if problems:

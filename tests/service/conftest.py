@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,12 @@ def start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Pope
     raise RuntimeError(f"the API did not start:\n{log_path.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    backend: str = request.param
-    home = tmp_path_factory.mktemp(f"stack-{backend}")
+@contextmanager
+def running_stack(
+    backend: str, home: Path, extra_env: dict[str, str] | None = None, redis_db: int = 15
+) -> Iterator[Stack]:
+    """Migrate a fresh database (a SQLite file, or a new PostgreSQL database dropped at the end) and
+    serve the API on it as a separate process; `extra_env` adds TUNEPOOL_* settings."""
     pg_name = None
     if backend == "postgresql":
         import psycopg
@@ -120,7 +123,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {pg_name}")
         database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
-        broker_url = "redis://127.0.0.1:6379/15"
+        broker_url = f"redis://127.0.0.1:6379/{redis_db}"
     else:
         database_url = f"sqlite:///{home / 'tunepool.db'}"
         broker_url = f"sqla+sqlite:///{home / 'broker.db'}"
@@ -135,16 +138,13 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "TUNEPOOL_MAX_UPLOAD_BYTES": str(300 * 1024 * 1024),
         # Revocations must show at once in these tests; test_api_basics covers the cache itself.
         "TUNEPOOL_AUTH_CACHE_SECONDS": "0",
+        **(extra_env or {}),
     }
     subprocess.run(
         [sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True
     )
     settings = load_settings(
-        home=home,
-        database_url=database_url,
-        broker_url=broker_url,
-        storage_dir=home / "artifacts",
-        max_upload_bytes=300 * 1024 * 1024,
+        **{k.removeprefix("TUNEPOOL_").lower(): v for k, v in env.items() if k.startswith("TUNEPOOL_")}
     )
     proc = start_api(env, port, home / "api.log")
     db = Database(settings)
@@ -165,6 +165,12 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
             with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE IF EXISTS {pg_name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(request.param, tmp_path_factory.mktemp(f"stack-{request.param}")) as stack:
+        yield stack
 
 
 def chat_jsonl(n: int = 4) -> bytes:

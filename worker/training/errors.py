@@ -16,3 +16,11 @@ class InvalidDataError(TrainingError):
         super().__init__(f"{field}: {error}")
         self.field = field
         self.report = error.report
+
+
+class UnusableDataError(TrainingError):
+    """train_file or validation_file is well-formed but gives nothing to train or evaluate on."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

@@ -33,7 +33,7 @@ from worker.training.data import (
     plan_epoch,
     steps_per_epoch,
 )
-from worker.training.errors import InvalidDataError, TrainingError
+from worker.training.errors import InvalidDataError, TrainingError, UnusableDataError
 from worker.training.formats import DataFormatError
 from worker.training.loss import LossStats, fused_linear_cross_entropy
 from worker.training.model import causal_lm, prepare_model, resolve_device
@@ -134,7 +134,7 @@ class Trainer:
     def _load_data(self, path: Path, field: str) -> TokenizedDataset:
         cfg = self.config
         if not path.is_file():
-            raise TrainingError(f"{field}: {path} does not exist")
+            raise UnusableDataError(field, f"{path} does not exist")
         try:
             data = load_dataset(
                 path,
@@ -155,9 +155,10 @@ class Trainer:
                 dropped=stats.n_dropped,
             )
         if not data.examples:
-            raise TrainingError(
-                f"{field}: all {stats.n_lines} examples are longer than max_seq_length={cfg.max_seq_length} "
-                "or have no trained token left after truncation; raise max_seq_length"
+            raise UnusableDataError(
+                field,
+                f"all {stats.n_lines} examples are longer than max_seq_length={cfg.max_seq_length} "
+                "or have no trained token left after truncation; raise max_seq_length",
             )
         self.event(
             "info",

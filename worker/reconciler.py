@@ -1,0 +1,130 @@
+"""The reconciler: puts right what crashes and lost messages leave behind. Safe to run anywhere, and
+in several places at once (every worker runs it; so does `tunepool up`).
+
+- A running job whose lease expired (its worker died: SIGKILL, OOM, node lost) goes back to
+  `queued` and will resume from its last checkpoint, or fails with `worker_lost` once it has used
+  `max_attempts` attempts. The change is one conditional UPDATE on the expired lease, so two
+  reconcilers cannot both act on it, and the dead worker's late writes are fenced off.
+- Queued jobs that have waited `redispatch_after_s` since their last dispatch message get one sent
+  again (the broker was down or lost it, or the API died between commit and send). Messages name
+  a pool, so a surplus one costs a worker one empty claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from service.db import Database, rows_updated
+from service.dispatch import send_dispatch
+from service.jobs import set_status
+from service.models import Checkpoint, Job, JobStatus, Worker
+from service.settings import Settings
+
+log = logging.getLogger("tunepool.reconciler")
+S = JobStatus
+
+
+def requeue_expired(db: Database, settings: Settings, now: float | None = None) -> list[str]:
+    """Expired leases -> queued (or failed after max_attempts); the ids of the jobs re-queued."""
+    now = time.time() if now is None else now
+    with db.session() as session:
+        expired = session.execute(
+            select(Job.id, Job.attempt).where(Job.status == S.RUNNING.value, Job.lease_expires_at < now)
+        ).all()
+    requeued = []
+    for job_id, attempt in expired:
+        with db.session() as session:
+            still = rows_updated(
+                session,
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.attempt == attempt,
+                    Job.status == S.RUNNING.value,
+                    Job.lease_expires_at < now,
+                )
+                .values(attempt=Job.attempt),  # no-op: locks the row, proves the lease is still expired
+            )
+            if not still:
+                continue
+            job = session.scalars(select(Job).where(Job.id == job_id)).one()
+            step = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
+            lost = f"worker {job.worker_id} stopped renewing the lease of attempt {attempt}"
+            if attempt >= settings.max_attempts:
+                error = {
+                    "code": "worker_lost",
+                    "message": f"The job lost its worker {attempt} times ({lost})",
+                    "param": None,
+                }
+                set_status(
+                    session, job, S.FAILED, f"Job failed: {error['message']}", level="error", error=error
+                )
+            else:
+                where = f"checkpoint step {step}" if step else "the start (no checkpoint yet)"
+                set_status(
+                    session, job, S.QUEUED, f"{lost}: restarted from {where} on another worker", level="warn"
+                )
+                job.worker_id = None
+                job.lease_expires_at = None
+                job.dispatched_at = None
+                requeued.append(job_id)
+            session.commit()
+    return requeued
+
+
+def redispatch_waiting(
+    db: Database,
+    settings: Settings,
+    now: float | None = None,
+    send: Callable[[Settings, str], bool] = send_dispatch,
+) -> dict[str, int]:
+    """Send dispatch messages for queued jobs that waited too long; messages sent per pool."""
+    now = time.time() if now is None else now
+    cutoff = now - settings.redispatch_after_s
+    with db.session() as session:
+        waiting = session.execute(
+            select(Job.pool, func.count())
+            .where(Job.status == S.QUEUED.value, (Job.dispatched_at.is_(None)) | (Job.dispatched_at < cutoff))
+            .group_by(Job.pool)
+        ).all()
+        alive = dict(
+            session.execute(
+                select(Worker.pool, func.count())
+                .where(Worker.last_heartbeat_at > now - settings.lease_s)
+                .group_by(Worker.pool)
+            ).all()
+        )
+    sent: dict[str, int] = {}
+    for pool, n in waiting:
+        # Enough messages to wake every live worker of the pool, no more: each drains the queue.
+        wanted = min(n, max(1, alive.get(pool, 0)))
+        ok = sum(send(settings, pool) for _ in range(wanted))
+        if not ok:
+            continue
+        sent[pool] = ok
+        with db.session() as session:
+            session.execute(
+                update(Job)
+                .where(
+                    Job.pool == pool,
+                    Job.status == S.QUEUED.value,
+                    (Job.dispatched_at.is_(None)) | (Job.dispatched_at < cutoff),
+                )
+                .values(dispatched_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+    return sent
+
+
+def reconcile(db: Database, settings: Settings) -> dict[str, Any]:
+    requeued = requeue_expired(db, settings)
+    sent = redispatch_waiting(db, settings)
+    if requeued or sent:
+        log.info("reconciler: re-queued %s, dispatch messages sent %s", requeued, sent)
+    return {"requeued": requeued, "dispatched": sent}

@@ -1,0 +1,417 @@
+"""Running one claimed job: the training child, its lease, and moving its outputs into the database.
+
+    run_job(claim)
+      prepare   config.json from the job row (same file every attempt, so a retry resumes)
+      spawn     `python -m worker.child RUN_DIR` in its own process group
+      loop      every poll_s: tail metrics/events, register new checkpoints; every heartbeat_s:
+                extend the lease (fenced), publish progress, read cancel_requested
+      finish    succeeded (final checkpoint, fine_tuned_model, results CSV) | cancelled | failed
+
+The run directory is `STORAGE_DIR/jobs/<job id>/` on the artifact storage that API and workers
+share: another worker that takes the job over after a crash finds the checkpoints there and the
+trainer resumes from the last one. All database writes go through `Fence` (worker/claim.py):
+once the job has moved on, they raise `LeaseLost` and the child's process group is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from service.db import Database
+from service.jobs import add_event, set_status
+from service.models import Checkpoint, File, Job, JobMetric, JobStatus, Team, new_id
+from service.settings import Settings
+from service.storage import Storage
+from worker.child import CONFIG_FILE, ERROR_FILE, EXIT_FAILED, STOP_FILE
+from worker.claim import Claim, Fence, LeaseLost
+from worker.tail import JsonlTail
+
+log = logging.getLogger("tunepool.runner")
+S = JobStatus
+# Trainer settings that a job's resolved hyperparameters carry under the same name.
+_TRAINER_FIELDS = (
+    "n_epochs", "batch_size", "learning_rate", "max_seq_length", "max_steps", "warmup_ratio", "lr_scheduler",
+    "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "overlength", "checkpoint_every",
+    "eval_every", "lora",
+)  # fmt: skip
+
+
+def training_config(job: Job, settings: Settings, storage: Storage, files: dict[str, File]) -> dict[str, Any]:
+    """The trainer's config for `job` (worker/training/config.py), as JSON."""
+    hp = job.hyperparameters
+    config: dict[str, Any] = {k: hp[k] for k in _TRAINER_FIELDS if k in hp}
+    config.setdefault("checkpoint_every", settings.default_checkpoint_every)
+    config |= {
+        "model": job.model_source,
+        "loss": job.loss,
+        "train_file": str(storage.path(files[job.training_file].storage_path)),
+        "output_dir": str(run_dir(storage, job.id) / "output"),
+        "seed": job.seed % 2**32,
+        "keep_last_n": settings.keep_checkpoints,
+    }
+    if job.validation_file:
+        config["validation_file"] = str(storage.path(files[job.validation_file].storage_path))
+    return config
+
+
+def run_dir(storage: Storage, job_id: str) -> Path:
+    return storage.path(storage.job_relpath(job_id))
+
+
+def fine_tuned_model_name(job: Job, team_name: str) -> str:
+    """OpenAI's shape: ft:<base>:<org>:<suffix>:<id> (the suffix may be empty)."""
+    base = job.model.split(":")[1] if job.model.startswith("ft:") else job.model
+    return f"ft:{base}:{team_name}:{job.suffix or ''}:{job.id}"
+
+
+class Released(Exception):
+    """This worker is shutting down: the job goes back to the queue."""
+
+
+@dataclass
+class Outcome:
+    status: JobStatus
+    error: dict[str, Any] | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+
+class JobRun:
+    """One attempt of one job on this worker."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        claim: Claim,
+        worker_id: str,
+        abort: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.db = db
+        self.abort = abort  # true when this worker is shutting down: hand the job back
+        self.settings = settings
+        self.storage = Storage(settings.artifacts)
+        self.claim = claim
+        self.fence = Fence(db, claim)
+        self.worker_id = worker_id
+        self.dir = run_dir(self.storage, claim.job_id)
+        self.output = self.dir / "output"
+        self.log_path = self.dir / f"attempt-{claim.attempt}.log"
+        self.metrics = JsonlTail(self.output / "metrics.jsonl")
+        self.events = JsonlTail(self.output / "events.jsonl")
+        self.registered: dict[int, str] = {}  # checkpoint step -> storage path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stop_sent_at: float | None = None
+        self.model_name = ""  # the fine-tuned model's name, set by prepare()
+
+    # ------------------------------------------------------------------ set-up
+
+    def prepare(self) -> None:
+        """Write config.json (first attempt) and clear what a previous attempt left."""
+        with self.fence.write() as (session, job):
+            files = {f.id: f for f in session.scalars(select(File).where(File.id.in_(self._file_ids(job))))}
+            team = session.get(Team, job.team_id)
+            self.model_name = fine_tuned_model_name(job, team.name if team else job.team_id)
+            config = training_config(job, self.settings, self.storage, files)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / CONFIG_FILE
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(config, indent=2))
+                os.replace(tmp, path)
+            for name in (STOP_FILE, ERROR_FILE):
+                (self.dir / name).unlink(missing_ok=True)
+            self.registered = {
+                c.step: c.storage_path
+                for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))
+            }
+            last = max(self.registered, default=0)
+            # Metrics a dead attempt logged after its last checkpoint are trained again: drop them.
+            session.execute(delete(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step > last))
+            if self.claim.attempt > 1:
+                where = f"from checkpoint step {last}" if last else "from the start (no checkpoint yet)"
+                add_event(session, job, f"Restarted {where} on worker {self.worker_id}", level="warn")
+        self.events.skip_existing()
+
+    @staticmethod
+    def _file_ids(job: Job) -> list[str]:
+        return [f for f in (job.training_file, job.validation_file) if f]
+
+    def spawn(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        limit = self.settings.job_memory_limit_bytes
+
+        def set_limits() -> None:  # runs in the child, before exec
+            if limit:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.child", str(self.dir)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: kill() takes every descendant
+                preexec_fn=set_limits if limit else None,
+            )
+
+    # ------------------------------------------------------------------ while it runs
+
+    def sync(self) -> None:
+        """Move new metric rows, events and checkpoints into the database (fenced)."""
+        rows, events = self.metrics.read_new(), self.events.read_new()
+        done = self._completed_checkpoints()
+        new = {step: rel for step, rel in done.items() if step not in self.registered}
+        gone = [step for step in self.registered if step not in done]
+        if not (rows or events or new or gone):
+            return
+        with self.fence.write() as (session, job):
+            for row in rows:
+                step = int(row["step"])
+                session.execute(delete(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step == step))
+                session.add(JobMetric(job_id=job.id, step=step, attempt=self.claim.attempt, data=row))
+            if rows:
+                last = rows[-1]
+                job.steps_completed = int(last["step"])
+                job.total_steps = int(last["total_steps"])
+                job.trained_tokens = int(last["trained_tokens"])
+                job.tokens_per_sec = float(last["tokens_per_sec"])
+                remaining = (
+                    (job.total_steps - job.steps_completed) * last["elapsed_s"] / max(job.steps_completed, 1)
+                )
+                job.estimated_finish = int(time.time() + remaining)
+            for e in events:
+                data = {k: v for k, v in e.items() if k not in ("time", "level", "message")}
+                level = "warn" if e.get("level") == "warning" else str(e.get("level", "info"))
+                add_event(session, job, str(e.get("message", "")), level=level, data=data or None)
+            metrics_by_step = {int(r["step"]): r for r in rows}
+            for step, rel in sorted(new.items()):
+                metrics = metrics_by_step.get(step) or self._metric_row(session, job.id, step)
+                session.add(
+                    Checkpoint(
+                        job_id=job.id,
+                        step=step,
+                        storage_path=rel,
+                        metrics=_checkpoint_metrics(metrics),
+                        fine_tuned_model_checkpoint=f"{self.model_name}:ckpt-step-{step}",
+                    )
+                )
+            if gone:
+                session.execute(
+                    delete(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step.in_(gone))
+                )
+        self.registered.update(new)
+        for step in gone:
+            del self.registered[step]
+
+    @staticmethod
+    def _metric_row(session: Any, job_id: str, step: int) -> dict[str, Any]:
+        row = session.scalar(select(JobMetric.data).where(JobMetric.job_id == job_id, JobMetric.step == step))
+        return dict(row or {"step": step})
+
+    def _completed_checkpoints(self) -> dict[int, str]:
+        from worker.training.checkpoint import list_checkpoints
+
+        base = self.storage.path("")
+        return {step: str(path.relative_to(base)) for step, path in list_checkpoints(self.output)}
+
+    def heartbeat(self) -> None:
+        cancel = self.fence.heartbeat(self.settings.lease_s)
+        if cancel and self.stop_sent_at is None:
+            (self.dir / STOP_FILE).write_text("cancel requested\n")
+            self.stop_sent_at = time.monotonic()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def watch(self) -> int:
+        """Until the child exits: sync, heartbeat, enforce cancel's grace period. Its exit status."""
+        assert self.proc is not None
+        next_beat = 0.0
+        while True:
+            code = self.proc.poll()
+            now = time.monotonic()
+            if now >= next_beat:
+                self.heartbeat()
+                next_beat = now + self.settings.heartbeat_s
+            self.sync()
+            if code is not None:
+                return code
+            if self.abort():
+                raise Released
+            if self.stop_sent_at is not None and now - self.stop_sent_at > self.settings.cancel_grace_s:
+                log.warning(
+                    "job %s did not stop within %ss of cancel: killing it",
+                    self.claim.job_id,
+                    self.settings.cancel_grace_s,
+                )
+                self.kill()
+                return self.proc.wait()
+            time.sleep(self.settings.poll_s)
+
+    # ------------------------------------------------------------------ the end
+
+    def outcome(self, code: int) -> Outcome:
+        summary_path = self.output / "summary.json"
+        if code == 0 and summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            if summary.get("status") == "completed":
+                return Outcome(S.SUCCEEDED)
+            return Outcome(S.CANCELLED)
+        if self.stop_sent_at is not None:
+            return Outcome(S.CANCELLED)
+        tail = self._log_tail()
+        if code == EXIT_FAILED and (self.dir / ERROR_FILE).exists():
+            return Outcome(S.FAILED, json.loads((self.dir / ERROR_FILE).read_text()), tail)
+        if code == -signal.SIGKILL:
+            message = "The training process was killed (SIGKILL), most likely by the out-of-memory killer"
+            return Outcome(S.FAILED, {"code": "out_of_memory", "message": message, "param": None}, tail)
+        message = f"The training process failed (exit status {code}); the job's events show its last output"
+        return Outcome(S.FAILED, {"code": "internal_error", "message": message, "param": None}, tail)
+
+    def _log_tail(self, lines: int = 30) -> list[str]:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
+
+    def finish(self, outcome: Outcome) -> None:
+        with self.fence.write() as (session, job):
+            if outcome.status == S.SUCCEEDED:
+                self._succeed(session, job)
+            elif outcome.status == S.CANCELLED:
+                last = max(self.registered, default=0)
+                kept = f"; checkpoint of step {last} kept" if last else ""
+                set_status(session, job, S.CANCELLED, f"Job cancelled at step {job.steps_completed}{kept}")
+            else:
+                if outcome.log_tail and outcome.error and outcome.error["code"] == "internal_error":
+                    add_event(
+                        session,
+                        job,
+                        "Last lines of the training log:\n" + "\n".join(outcome.log_tail),
+                        level="error",
+                    )
+                assert outcome.error is not None
+                set_status(
+                    session,
+                    job,
+                    S.FAILED,
+                    f"Job failed: {outcome.error['message']}",
+                    level="error",
+                    error=outcome.error,
+                )
+
+    def _succeed(self, session: Any, job: Job) -> None:
+        job.fine_tuned_model = self.model_name
+        summary = json.loads((self.output / "summary.json").read_text())
+        job.trained_tokens = int(summary.get("trained_tokens", job.trained_tokens or 0))
+        job.steps_completed = int(summary.get("steps", job.steps_completed))
+        job.estimated_finish = None
+        results = self._results_file(session, job)
+        job.result_files = [results.id]
+        set_status(session, job, S.SUCCEEDED, f"Job succeeded: {job.fine_tuned_model}")
+
+    def _results_file(self, session: Any, job: Job) -> File:
+        """The per-step metrics as CSV, attached as a `fine-tune-results` file as OpenAI does."""
+        rows = [
+            m.data
+            for m in session.scalars(
+                select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step)
+            )
+        ]
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        content = buffer.getvalue().encode()
+        import hashlib
+
+        file = File(
+            id=new_id("file-"),
+            team_id=job.team_id,
+            filename=f"{job.id}-results.csv",
+            purpose="fine-tune-results",
+            bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            format="csv",
+            n_examples=len(rows),
+            storage_path="",
+        )
+        file.storage_path = self.storage.file_relpath(job.team_id, file.id).removesuffix(".jsonl") + ".csv"
+        temp = self.storage.temp_path()
+        temp.write_bytes(content)
+        self.storage.commit(temp, file.storage_path)
+        session.add(file)
+        return file
+
+    # ------------------------------------------------------------------ all of it
+
+    def run(self) -> JobStatus | None:
+        """Run the attempt to its end; the job's final status, or None if the lease was lost."""
+        try:
+            self.prepare()
+            self.spawn()
+            code = self.watch()
+            self.finish(self.outcome(code))
+            return self.outcome_status
+        except LeaseLost as err:
+            log.warning("%s: stopping the run", err)
+            self.kill()
+            return None
+        except Released:
+            self.kill()
+            self.sync()
+            with self.fence.write() as (session, job):
+                last = max(self.registered, default=0)
+                where = f"checkpoint step {last}" if last else "the start (no checkpoint yet)"
+                message = f"Worker {self.worker_id} shut down: job re-queued, it resumes from {where}"
+                set_status(session, job, S.QUEUED, message, level="warn")
+                job.worker_id = job.lease_expires_at = job.dispatched_at = None
+            return S.QUEUED
+        finally:
+            self.kill()
+
+    @property
+    def outcome_status(self) -> JobStatus:
+        with self.db.session() as session:
+            return JobStatus(session.scalars(select(Job.status).where(Job.id == self.claim.job_id)).one())
+
+
+def _checkpoint_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's checkpoint metrics names, from a trainer metrics row."""
+    out: dict[str, Any] = {"step": row.get("step")}
+    names = {
+        "loss": "train_loss",
+        "token_accuracy": "train_mean_token_accuracy",
+        "valid_loss": "valid_loss",
+        "valid_token_accuracy": "valid_mean_token_accuracy",
+        "nll": "train_nll",
+        "valid_nll": "valid_nll",
+    }
+    for ours, theirs in names.items():
+        if ours in row:
+            out[theirs] = row[ours]
+    return out
