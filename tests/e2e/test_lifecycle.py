@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+from typing import Any
 
 from tests.e2e.conftest import System
 
@@ -45,11 +46,12 @@ def test_dft_job_end_to_end_then_fine_tune_the_fine_tuned_model(system: System, 
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt"
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=False
     )
-    out = model.generate(ids if not hasattr(ids, "input_ids") else ids["input_ids"], max_new_tokens=5)
-    assert out.shape[-1] > (ids.shape[-1] if not hasattr(ids, "input_ids") else ids["input_ids"].shape[-1])
+    ids: Any = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=5)
+    assert out.shape[-1] > ids.shape[-1]
 
     # The fine-tuned model is a model: listed, and a new job can start from it.
     models = [m["id"] for m in client.get("/v1/models").json()["data"]]
