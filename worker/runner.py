@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import io
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -155,10 +157,11 @@ class JobRun:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         limit = self.settings.job_memory_limit_bytes
 
-        def set_limits() -> None:  # runs in the child, before exec
+        def in_child() -> None:  # runs in the child between fork and exec: system calls only
+            # Die with this worker: a trainer orphaned by a crashed worker would go on writing the
+            # run directory that another worker resumes from.
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
             if limit:
-                import resource
-
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
         with self.log_path.open("ab") as out:
@@ -168,7 +171,7 @@ class JobRun:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # its own process group: kill() takes every descendant
-                preexec_fn=set_limits if limit else None,
+                preexec_fn=in_child,  # prctl and setrlimit only: safe between fork and exec
             )
 
     # ------------------------------------------------------------------ while it runs
