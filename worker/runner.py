@@ -119,6 +119,7 @@ class JobRun:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stop_sent_at: float | None = None
         self.model_name = ""  # the fine-tuned model's name, set by prepare()
+        self.resume_step = 0  # rows up to this step are in the database from an earlier attempt
 
     # ------------------------------------------------------------------ set-up
 
@@ -141,7 +142,7 @@ class JobRun:
                 c.step: c.storage_path
                 for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))
             }
-            last = max(self.registered, default=0)
+            last = self.resume_step = max(self.registered, default=0)
             # Metrics a dead attempt logged after its last checkpoint are trained again: drop them.
             session.execute(delete(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step > last))
             if self.claim.attempt > 1:
@@ -178,7 +179,8 @@ class JobRun:
 
     def sync(self) -> None:
         """Move new metric rows, events and checkpoints into the database (fenced)."""
-        rows, events = self.metrics.read_new(), self.events.read_new()
+        rows = [r for r in self.metrics.read_new() if int(r["step"]) > self.resume_step]
+        events = self.events.read_new()
         done = self._completed_checkpoints()
         new = {step: rel for step, rel in done.items() if step not in self.registered}
         gone = [step for step in self.registered if step not in done]
