@@ -45,8 +45,8 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(system: System) -> Non
     system.start_worker()  # a new worker; the old lease (6 s) expires and the reconciler re-queues
     done = system.wait(client, job["id"])
     assert done["status"] == "succeeded", system.events(client, job["id"])
-    assert done["attempt"] == 2 and done["progress"]["steps_completed"] == 16, system.events(client, job["id"])
     events = system.events(client, job["id"])
+    assert done["attempt"] == 2 and done["progress"]["steps_completed"] == 16, events
     restarted = [e for e in events if "restarted from checkpoint step" in e]
     assert restarted, events
     resumed_step = int(restarted[0].split("restarted from checkpoint step ")[1].split()[0])
