@@ -28,9 +28,11 @@ class Member:
         return len(self.header) + -(-self.size // BLOCK) * BLOCK
 
 
-def _members(root: Path, prefix: str) -> list[Member]:
+def _members(root: Path, prefix: str, exclude: frozenset[str]) -> list[Member]:
     members = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        if path.relative_to(root).as_posix() in exclude:
+            continue
         info = tarfile.TarInfo(f"{prefix}/{path.relative_to(root).as_posix()}")
         stat = path.stat()
         info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), 0o644
@@ -39,8 +41,9 @@ def _members(root: Path, prefix: str) -> list[Member]:
 
 
 class DirectoryArchive:
-    def __init__(self, root: Path, prefix: str) -> None:
-        self.members = _members(root, prefix)
+    def __init__(self, root: Path, prefix: str, exclude: frozenset[str] = frozenset()) -> None:
+        """`root`'s files (but the relative paths in `exclude`) under the directory `prefix`."""
+        self.members = _members(root, prefix, exclude)
         body = sum(m.length for m in self.members) + 2 * BLOCK
         self.length = -(-body // RECORD) * RECORD
 

@@ -35,6 +35,8 @@ from service.schemas import Job as JobSchema
 from service.schemas import JobEvent as JobEventSchema
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+# Files of a checkpoint directory that only the trainer's resume reads (worker/training/checkpoint.py).
+RESUME_ONLY_FILES = frozenset({"trainer_state.pt"})
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1-100")]
 
 
@@ -254,7 +256,8 @@ def checkpoint_content(
     directory = storage.path(checkpoint.storage_path)
     if not directory.is_dir():
         raise APIError(410, f"Checkpoint {checkpoint_id} is no longer stored", code="checkpoint_gone")
-    archive = DirectoryArchive(directory, f"{job.id}-step-{checkpoint.step}")
+    # The model, without the optimizer state kept for resuming (twice the model's size).
+    archive = DirectoryArchive(directory, f"{job.id}-step-{checkpoint.step}", RESUME_ONLY_FILES)
     name = f"{job.id}-step-{checkpoint.step}.tar"
     return StreamingResponse(
         archive.stream(),
