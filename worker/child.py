@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -26,10 +27,35 @@ EXIT_FAILED = 3
 STOP_FILE = "STOP"
 ERROR_FILE = "error.json"
 CONFIG_FILE = "config.json"
+_CPU_ALLOCATOR_OOM = r"DefaultCPUAllocator: (can't allocate memory|not enough memory)"
+
+
+def _out_of_memory(err: BaseException) -> BaseException | None:
+    """The out-of-memory error in `err` or in what caused it, else None.
+
+    Under a memory limit (RLIMIT_AS) a failed allocation is a MemoryError in Python, torch's
+    OutOfMemoryError on a GPU, but a plain RuntimeError from torch's CPU allocator ("DefaultCPUAllocator:
+    can't allocate memory"); and it may surface wrapped, e.g. as the ImportError of a module that was
+    being imported when memory ran out.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
+            return current
+        if isinstance(current, RuntimeError) and re.search(_CPU_ALLOCATOR_OOM, str(current)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def classify(err: BaseException) -> dict[str, Any] | None:
     """The OpenAI-style error of a failure we understand; None for anything else (internal_error)."""
+    oom = _out_of_memory(err)  # first: the imports below need memory too
+    if oom is not None:
+        message = str(oom) or "the training process ran out of memory"
+        return {"code": "out_of_memory", "message": f"Out of memory: {message}", "param": None}
     from worker.training.config import ConfigError
     from worker.training.data import TemplateError
     from worker.training.errors import InvalidDataError, UnusableDataError
@@ -46,9 +72,6 @@ def classify(err: BaseException) -> dict[str, Any] | None:
         return {"code": "invalid_model", "message": str(err), "param": "model"}
     if isinstance(err, ConfigError):
         return {"code": "invalid_hyperparameters", "message": str(err), "param": "hyperparameters"}
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        message = str(err) or "the training process ran out of memory"
-        return {"code": "out_of_memory", "message": f"Out of memory: {message}", "param": None}
     return None
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import OperationalError
 
 from service.db import Database
 from service.jobs import add_event, set_status
@@ -42,6 +43,10 @@ from service.storage import Storage
 from worker.child import CONFIG_FILE, ERROR_FILE, EXIT_FAILED, STOP_FILE
 from worker.claim import Claim, Fence, LeaseLost
 from worker.tail import JsonlTail
+
+# Imported with this module (when the worker starts), not at a run's first sync: it imports torch,
+# which takes seconds, and inside a run that would hold up the heartbeat past a short lease.
+from worker.training.checkpoint import list_checkpoints
 
 log = logging.getLogger("tunepool.runner")
 S = JobStatus
@@ -231,8 +236,6 @@ class JobRun:
         return dict(row or {"step": step})
 
     def _completed_checkpoints(self) -> dict[int, str]:
-        from worker.training.checkpoint import list_checkpoints
-
         base = self.storage.path("")
         return {step: str(path.relative_to(base)) for step, path in list_checkpoints(self.output)}
 
@@ -252,13 +255,24 @@ class JobRun:
         """Until the child exits: sync, heartbeat, enforce cancel's grace period. Its exit status."""
         assert self.proc is not None
         next_beat = 0.0
+        last_beat = time.monotonic()
         while True:
             code = self.proc.poll()
             now = time.monotonic()
-            if now >= next_beat:
-                self.heartbeat()
-                next_beat = now + self.settings.heartbeat_s
-            self.sync()
+            try:
+                if now >= next_beat:
+                    self.heartbeat()
+                    next_beat, last_beat = now + self.settings.heartbeat_s, now
+                self.sync()
+            except OperationalError as err:
+                # The database is restarting or unreachable: training goes on, and so do we, as
+                # long as the lease may still be ours. After that, another worker may have it.
+                if now - last_beat > self.settings.lease_s:
+                    raise LeaseLost(f"database unreachable for longer than the lease: {err}") from err
+                log.warning("database error, retrying: %s", err)
+                next_beat = now + 1.0
+                time.sleep(self.settings.poll_s)
+                continue  # (if the child has exited, its last outputs still have to go in)
             if code is not None:
                 return code
             if self.abort():
