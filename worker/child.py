@@ -65,7 +65,9 @@ def classify(err: BaseException) -> dict[str, Any] | None:
     param = {"train_file": "training_file", "validation_file": "validation_file"}
     if isinstance(err, InvalidDataError | UnusableDataError):
         field = param.get(err.field, "training_file")
-        return {"code": "invalid_training_file", "message": str(err), "param": field}
+        # The trainer names its own config field; the job's user knows the API's name for it.
+        message = str(err).replace(f"{err.field}:", f"{field}:", 1)
+        return {"code": "invalid_training_file", "message": message, "param": field}
     if isinstance(err, DataFormatError):
         return {"code": "invalid_training_file", "message": str(err), "param": "training_file"}
     if isinstance(err, ModelLoadError | TemplateError):

@@ -68,6 +68,8 @@ def load_model(spec: str) -> tuple[PreTrainedModel, Any]:
     except ModelLoadError:
         raise
     except OSError as err:
+        if path.is_dir():  # a local directory with a missing or broken file: not a download problem
+            raise ModelLoadError(f"model: cannot load the model directory {spec}: {err}") from None
         raise ModelLoadError(
             f"model: cannot load {spec!r} without downloading it (a directory, a .gguf file, or a hub id "
             f"already in the local Hugging Face cache): {err}"
