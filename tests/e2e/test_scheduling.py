@@ -1,0 +1,284 @@
+"""Which job a free worker takes (worker/claim.py), through real worker processes and real claims.
+
+- fair share: one team's ten queued jobs do not make two other teams' one job each wait;
+- a team's `max_running_jobs` holds with idle workers standing by;
+- workers racing over the same queue claim every job exactly once (real OS processes, no training);
+- the claim order itself: priority then age within a team, fewest running (per share weight)
+  team first, teams at their limit skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select
+
+from service.jobs import set_status
+from service.models import Job, JobEvent, JobStatus, Worker
+from service.teams import set_quota
+from tests.e2e.conftest import TERMINAL, System
+from tests.service.conftest import ROOT, TeamClient
+from worker.claim import claim_next_job
+
+ONE_STEP = {"max_steps": 1}
+STARTED = "Job started on worker %"
+
+
+def quota(system: System, team: TeamClient, **limits: Any) -> None:
+    with system.stack.db.session() as session:
+        set_quota(session, team.name, **limits)
+
+
+def start_events(system: System) -> list[tuple[str, str]]:
+    """(job id, worker id) of every "Job started on worker" event, in commit order."""
+    with system.stack.db.session() as session:
+        rows = session.execute(
+            select(JobEvent.job_id, JobEvent.data).where(JobEvent.message.like(STARTED)).order_by(JobEvent.pk)
+        ).all()
+    return [(job_id, (data or {})["worker"]) for job_id, data in rows]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, system: System) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{system.worker_logs()}")
+        if system.workers and all(p.poll() is not None for p in system.workers):
+            raise AssertionError(f"every worker exited while waiting for {what}\n{system.worker_logs()}")
+        time.sleep(0.2)
+
+
+def stop_workers(system: System) -> None:
+    """SIGTERM every worker at once (each takes seconds to shut down) and wait for them all."""
+    for proc in system.workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in system.workers:
+        proc.wait(60)
+
+
+def statuses(system: System, job_ids: list[str]) -> dict[str, str]:
+    with system.stack.db.session() as session:
+        return dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all())
+
+
+def test_fair_share_ten_jobs_of_one_team_do_not_starve_two_other_teams(system: System) -> None:
+    a, b, c = system.team(), system.team(), system.team()
+    quota(system, a, max_running_jobs=10)  # A's own limit is not what holds it back
+    file_a, file_b, file_c = system.new_file(a, n=4), system.new_file(b, n=4), system.new_file(c, n=4)
+    # Everything is queued before any worker exists: in arrival order B and C would be 11th and 12th.
+    a_jobs = [system.submit(a, file_a, hyperparameters=ONE_STEP)["id"] for _ in range(10)]
+    b_job = system.submit(b, file_b, hyperparameters=ONE_STEP)["id"]
+    c_job = system.submit(c, file_c, hyperparameters=ONE_STEP)["id"]
+    system.start_worker()
+    system.start_worker()
+
+    def started() -> set[str]:
+        return {job for job, _ in start_events(system)}
+
+    wait_until(lambda: {b_job, c_job} <= started(), 180, "B's and C's jobs to start", system)
+    # The order is decided; the rest of A's queue would only make the test longer. Newest first, so
+    # that a claim made meanwhile still takes A's oldest queued job.
+    for job_id in reversed(a_jobs):
+        if job_id not in started():
+            a.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    every = [*a_jobs, b_job, c_job]
+    wait_until(lambda: set(statuses(system, every).values()) <= TERMINAL, 180, "the jobs to end", system)
+
+    events = start_events(system)
+    order = [job for job, _ in events]
+    names = {job: f"A{i + 1}" for i, job in enumerate(a_jobs)} | {b_job: "B", c_job: "C"}
+    seen = [names[job] for job in order]  # e.g. A1 B A2 C A3 (the first two at once, one per worker)
+    assert len(order) == len(set(order)), f"a job was started twice: {seen}"
+    a_started = [job for job in order if job in a_jobs]
+    assert a_started == a_jobs[: len(a_started)], f"A's jobs start in the order submitted: {seen}"
+    # In arrival order they would start 11th and 12th; with fair share each goes at the first claim
+    # where its team runs fewer jobs than A (typically A1 B A2 C, or A1 B C).
+    a_before_b = sum(x.startswith("A") for x in seen[: seen.index("B")])
+    a_before_c = sum(x.startswith("A") for x in seen[: seen.index("C")])
+    assert a_before_b <= 2, f"B's job started after A's third job: {seen}"
+    assert a_before_c <= 3, f"C's job started after A's fourth job: {seen}"
+    assert len({worker for _, worker in events}) == 2, f"both workers took jobs: {events}"
+    final = statuses(system, every)
+    decided = order[: max(order.index(b_job), order.index(c_job)) + 1]  # none of these was cancelled
+    assert all(final[job] == "succeeded" for job in decided), (final, system.worker_logs())
+    stop_workers(system)
+
+
+def test_max_running_jobs_holds_with_a_second_worker_idle(system: System) -> None:
+    team = system.team()
+    quota(system, team, max_running_jobs=1)
+    file_id = system.new_file(team, n=4)
+    jobs = [system.submit(team, file_id, hyperparameters=ONE_STEP)["id"] for _ in range(3)]
+    system.start_worker()
+    system.start_worker()
+
+    most_running = 0
+    workers_seen = 0
+    deadline = time.monotonic() + 240
+    while True:
+        with system.stack.db.session() as session:
+            running = session.scalar(
+                select(func.count()).where(Job.team_id == team.team_id, Job.status == JobStatus.RUNNING.value)
+            )
+            done = session.scalar(select(func.count()).where(Job.id.in_(jobs), Job.status.in_(TERMINAL)))
+            alive = session.scalar(select(func.count()).select_from(Worker))
+        most_running = max(most_running, int(running or 0))
+        if running:
+            workers_seen = max(workers_seen, int(alive or 0))
+        if done == len(jobs):
+            break
+        assert time.monotonic() < deadline, f"jobs still running\n{system.worker_logs()}"
+        time.sleep(0.05)
+    stop_workers(system)
+
+    assert most_running == 1, f"{most_running} jobs of a team with max_running_jobs=1 ran at once"
+    assert workers_seen == 2, "a second worker was registered (and idle) while a job ran"
+    with system.stack.db.session() as session:
+        rows = session.execute(
+            select(JobEvent.job_id, JobEvent.pk, JobEvent.message).where(JobEvent.job_id.in_(jobs))
+        ).all()
+        ended = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(jobs)))}
+    assert all(ended[job].status == "succeeded" for job in jobs), system.worker_logs()
+    # Each run, from its claim to its last event (in commit order), lies wholly before the next one.
+    spans = sorted(
+        (
+            min(pk for job_id, pk, message in rows if job_id == job and message.startswith("Job started")),
+            max(pk for job_id, pk, _ in rows if job_id == job),
+        )
+        for job in jobs
+    )
+    assert all(prev[1] < nxt[0] for prev, nxt in itertools.pairwise(spans)), spans
+    # And by the clock: each job started no earlier than the one before it finished.
+    times = sorted((ended[job].started_at or 0, ended[job].finished_at or 0) for job in jobs)
+    assert all(prev[1] <= nxt[0] for prev, nxt in itertools.pairwise(times)), times
+
+
+# A claimer: waits for a common start time, then claims until nothing is left for it.
+RACER = """
+import json, sys, time
+from service.db import Database
+from service.settings import load_settings
+from worker.claim import claim_next_job
+
+worker_id, start_at = sys.argv[1], float(sys.argv[2])
+db = Database(load_settings())
+time.sleep(max(0.0, start_at - time.time()))
+while (claim := claim_next_job(db, "default", worker_id, 600.0)) is not None:
+    print(json.dumps([claim.job_id, claim.attempt]), flush=True)
+"""
+
+
+def test_racing_workers_claim_each_job_exactly_once(system: System) -> None:
+    x, y, z = system.team(), system.team(), system.team()
+    quota(system, x, max_running_jobs=100)
+    quota(system, y, max_running_jobs=100)
+    # z's weight makes every racer go for z's jobs first, all at once: they must not take a fourth.
+    quota(system, z, max_running_jobs=3, share_weight=100.0)
+    files = {t.name: system.new_file(t, n=4) for t in (x, y, z)}
+    limited = [system.submit(z, files[z.name])["id"] for _ in range(6)]
+    free = [system.submit(t, files[t.name])["id"] for _ in range(10) for t in (x, y)]
+
+    start_at = time.time() + 4  # after every racer has imported and connected
+    racers = {
+        f"racer-{i}": subprocess.Popen(
+            [sys.executable, "-c", RACER, f"racer-{i}", str(start_at)],
+            cwd=ROOT,
+            env=system.stack.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    }
+    claimed: list[tuple[str, str, int]] = []
+    for name, proc in racers.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        claimed += [(name, *json.loads(line)) for line in out.decode().splitlines()]
+
+    job_ids = [job for _, job, _ in claimed]
+    assert sorted(job_ids) == sorted({*job_ids}), f"a job was claimed twice: {claimed}"
+    assert set(free) <= set(job_ids), f"jobs left unclaimed: {set(free) - set(job_ids)}"
+    assert len(set(limited) & set(job_ids)) == 3, f"team z (max_running_jobs=3) got {claimed}"
+    assert len({name for name, _, _ in claimed}) >= 2, f"only one racer ever won: {claimed}"
+    with system.stack.db.session() as session:
+        rows = {j.id: j for j in session.scalars(select(Job))}
+        started = session.execute(
+            select(JobEvent.job_id, func.count())
+            .where(JobEvent.message.like(STARTED))
+            .group_by(JobEvent.job_id)
+        ).all()
+    for name, job_id, attempt in claimed:
+        job = rows[job_id]
+        assert (job.status, job.attempt, job.worker_id, attempt) == ("running", 1, name, 1), job_id
+    assert dict(started) == dict.fromkeys(job_ids, 1)
+    assert sum(j.status == "queued" for j in rows.values()) == 3
+
+
+def test_claim_order_priority_age_fair_share_weights_and_limits(system: System) -> None:
+    db = system.stack.db
+
+    def claim(pool: str) -> str | None:
+        got = claim_next_job(db, pool, f"test:{pool}", 600.0)
+        return got.job_id if got else None
+
+    def jobs(team: TeamClient, pool: str, *priorities: int) -> list[str]:
+        file_id = system.new_file(team, n=4)
+        return [system.submit(team, file_id, pool=pool, priority=p)["id"] for p in priorities]
+
+    # Within a team: higher priority first, then older.
+    solo = system.team()
+    quota(system, solo, max_running_jobs=100)
+    p0, p5, q0, q5, low = jobs(solo, "prio", 0, 5, 0, 5, -3)
+    assert [claim("prio") for _ in range(6)] == [p5, q5, p0, q0, low, None]
+
+    # Between teams: the one with fewer running jobs goes first, whatever the priorities and ages.
+    a, b = system.team(), system.team()
+    quota(system, a, max_running_jobs=100)
+    quota(system, b, max_running_jobs=100)
+    a1, a2, a3 = jobs(a, "fair", 9, 9, 0)
+    b1, b2 = jobs(b, "fair", 0, 0)
+    # Running (a, b) at each claim: (0, 0) a1; (1, 0) b1, though a2 is older and of priority 9;
+    # (1, 1) a2; (2, 1) b2; (2, 2) a3.
+    assert [claim("fair") for _ in range(6)] == [a1, b1, a2, b2, a3, None]
+
+    # Share weight: running jobs count per unit of weight (heavy: 2, light: 1).
+    heavy, light = system.team(), system.team()
+    quota(system, heavy, max_running_jobs=100, share_weight=2.0)
+    quota(system, light, max_running_jobs=100)
+    h1, h2, h3, h4 = jobs(heavy, "weighted", 0, 0, 0, 0)
+    l1, l2 = jobs(light, "weighted", 0, 0)
+    # shares (heavy, light) at each claim: (0, 0) h1; (0.5, 0) l1; (0.5, 1) h2; (1, 1) h3 older;
+    # (1.5, 1) l2; (1.5, 2) h4. With equal weights it would be h1 l1 h2 l2 h3 h4.
+    assert [claim("weighted") for _ in range(7)] == [h1, l1, h2, h3, l2, h4, None]
+
+    # A team at max_running_jobs is skipped, counting its jobs running in every pool.
+    capped, other = system.team(), system.team()
+    quota(system, capped, max_running_jobs=1)
+    quota(system, other, max_running_jobs=100)
+    m1, m2 = jobs(capped, "quota", 5, 5)
+    n1, n2 = jobs(other, "quota", 0, 0)
+    assert [claim("quota") for _ in range(4)] == [m1, n1, n2, None]
+    with db.session() as session:  # m1 ends: capped may run one again
+        job = session.scalars(select(Job).where(Job.id == m1)).one()
+        set_status(session, job, JobStatus.SUCCEEDED)
+        session.commit()
+    [elsewhere] = jobs(capped, "elsewhere", 0)
+    assert claim("elsewhere") == elsewhere  # now capped's one running job is in another pool
+    assert claim("quota") is None
+    quota(system, capped, max_running_jobs=2)
+    assert [claim("quota"), claim("quota")] == [m2, None]
+
+    with db.session() as session:
+        rows = session.execute(select(Job.id, Job.status, Job.attempt, Job.worker_id)).all()
+    claimed = [r for r in rows if r.status == "running"]
+    assert all(r.attempt == 1 and r.worker_id and r.worker_id.startswith("test:") for r in claimed)
