@@ -6,7 +6,10 @@ its worker id and a lease. Which job is decided here, when a GPU frees, from the
 1. teams already at `max_running_jobs` (over all pools) are skipped;
 2. then the team with the fewest running jobs in this pool per unit of share weight goes first,
    so one team's hundred jobs cannot starve another team's one;
-3. within and between equally served teams: higher priority, then older.
+3. between teams equally served now, the one that started fewer jobs in this pool in the last
+   hour (per share weight): on a one-GPU pool, where nothing runs when the worker is free,
+   teams take turns;
+4. then higher priority, then older.
 
 Races: two workers may pick the same job; the claim is a conditional UPDATE (`WHERE status =
 'queued'`), so exactly one wins and the other tries the next candidate. The team's row is locked
@@ -36,6 +39,10 @@ from service.models import Job, JobStatus, Team
 S = JobStatus
 
 
+# The window of recent usage that breaks ties between equally served teams.
+RECENT_S = 3600.0
+
+
 class LeaseLost(RuntimeError):
     """The job moved on (lease expired and re-queued, cancelled, finished): stop this run."""
 
@@ -61,6 +68,16 @@ def _running_counts(session: Session, pool: str) -> tuple[dict[str, int], dict[s
         if job_pool == pool:
             in_pool[team_id] = n
     return in_pool, total
+
+
+def _recent_starts(session: Session, pool: str, since: float) -> dict[str, int]:
+    """Jobs each team started in `pool` since `since` (running or finished)."""
+    rows = session.execute(
+        select(Job.team_id, func.count())
+        .where(Job.pool == pool, Job.started_at >= int(since), Job.status != S.QUEUED.value)
+        .group_by(Job.team_id)
+    ).all()
+    return {team_id: n for team_id, n in rows}
 
 
 def _candidates(session: Session, pool: str) -> list[tuple[str, str, int, int]]:
@@ -90,14 +107,19 @@ def claim_next_job(db: Database, pool: str, worker_id: str, lease_s: float) -> C
     while True:
         with db.session() as session:
             in_pool, total = _running_counts(session, pool)
+            started = _recent_starts(session, pool, time.time() - RECENT_S)
             teams = {t.id: t for t in session.scalars(select(Team))}
             order = []
             for team_id, job_id, priority, pk in _candidates(session, pool):
                 team = teams.get(team_id)
                 if team is None or job_id in tried or total.get(team_id, 0) >= team.max_running_jobs:
                     continue
-                share = in_pool.get(team_id, 0) / max(team.share_weight, 1e-9)
-                order.append((share, -priority, pk, team_id, job_id))
+                weight = max(team.share_weight, 1e-9)
+                share = in_pool.get(team_id, 0) / weight
+                # Ties (always, on a one-GPU pool: nothing else runs when its worker is free) go
+                # to the team that started fewer jobs here lately, so teams take turns.
+                recent = started.get(team_id, 0) / weight
+                order.append((share, recent, -priority, pk, team_id, job_id))
             if not order:
                 return None
             *_, team_id, job_id = min(order)

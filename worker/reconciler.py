@@ -5,6 +5,8 @@ in several places at once (every worker runs it; so does `tunepool up`).
   `queued` and will resume from its last checkpoint, or fails with `worker_lost` once it has used
   `max_attempts` attempts. The change is one conditional UPDATE on the expired lease, so two
   reconcilers cannot both act on it, and the dead worker's late writes are fenced off.
+- Workers that stopped heartbeating long ago (killed before they could unregister) leave the
+  registry.
 - Queued jobs that have waited `redispatch_after_s` since their last dispatch message get one sent
   again (the broker was down or lost it, or the API died between commit and send). Messages name
   a pool, so a surplus one costs a worker one empty claim.
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from service.db import Database, rows_updated
 from service.dispatch import send_dispatch
@@ -122,7 +124,17 @@ def redispatch_waiting(
     return sent
 
 
+def forget_dead_workers(db: Database, settings: Settings, now: float | None = None) -> int:
+    """Drop registry rows of workers silent for ten leases (killed before they could unregister)."""
+    cutoff = (time.time() if now is None else now) - 10 * settings.lease_s
+    with db.session() as session:
+        gone = rows_updated(session, delete(Worker).where(Worker.last_heartbeat_at < cutoff))
+        session.commit()
+    return gone
+
+
 def reconcile(db: Database, settings: Settings) -> dict[str, Any]:
+    forget_dead_workers(db, settings)
     requeued = requeue_expired(db, settings)
     sent = redispatch_waiting(db, settings)
     if requeued or sent:

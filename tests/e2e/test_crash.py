@@ -79,3 +79,27 @@ def test_a_stale_attempt_cannot_write(system: System, lease_s: float) -> None:
         row = session.scalars(select(Job).where(Job.id == job["id"])).one()
         assert row.worker_id == "worker-new" and row.attempt == 2 and row.steps_completed == 3
         assert session.scalars(select(JobMetric).where(JobMetric.job_id == job["id"])).all() == []
+
+
+def test_reconciler_forgets_workers_that_died_without_unregistering(system: System) -> None:
+    from service.models import Worker
+    from worker.reconciler import reconcile
+
+    db, settings = system.stack.db, system.stack.settings
+    now = time.time()
+    with db.session() as session:
+        for name, beat in (("dead", now - 11 * settings.lease_s), ("alive", now)):
+            session.add(
+                Worker(
+                    id=name,
+                    pool="default",
+                    hostname="h",
+                    gpu_name="cpu",
+                    started_at=beat,
+                    last_heartbeat_at=beat,
+                )
+            )
+        session.commit()
+    reconcile(db, settings)
+    with db.session() as session:
+        assert set(session.scalars(select(Worker.id))) == {"alive"}

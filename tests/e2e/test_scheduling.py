@@ -282,3 +282,25 @@ def test_claim_order_priority_age_fair_share_weights_and_limits(system: System) 
         rows = session.execute(select(Job.id, Job.status, Job.attempt, Job.worker_id)).all()
     claimed = [r for r in rows if r.status == "running"]
     assert all(r.attempt == 1 and r.worker_id and r.worker_id.startswith("test:") for r in claimed)
+
+
+def test_one_worker_pool_teams_take_turns(system: System) -> None:
+    """On a one-GPU pool nothing else runs when the worker is free: ties go to the team that started
+    fewer jobs there lately, so a team with many queued jobs does not go first every time."""
+    db = system.stack.db
+    a, b = system.team(), system.team()
+    quota(system, a, max_running_jobs=100)
+    a_file, b_file = system.new_file(a, n=4), system.new_file(b, n=4)
+    a1, a2, a3 = (system.submit(a, a_file, pool="one")["id"] for _ in range(3))
+    b1, b2 = (system.submit(b, b_file, pool="one")["id"] for _ in range(2))
+    order = []
+    for _ in range(6):
+        got = claim_next_job(db, "one", "test:one", 600.0)
+        if got is None:
+            break
+        order.append(got.job_id)
+        with db.session() as session:  # the one worker finishes it before claiming again
+            job = session.scalars(select(Job).where(Job.id == got.job_id)).one()
+            set_status(session, job, JobStatus.SUCCEEDED)
+            session.commit()
+    assert order == [a1, b1, a2, b2, a3]
