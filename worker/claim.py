@@ -11,8 +11,10 @@ its worker id and a lease. Which job is decided here, when a GPU frees, from the
    teams take turns;
 4. then higher priority, then older.
 
-Races: two workers may pick the same job; the claim is a conditional UPDATE (`WHERE status =
-'queued'`), so exactly one wins and the other tries the next candidate. The team's row is locked
+Races: two workers may pick the same job. On PostgreSQL the claimer locks the job's row with
+`FOR UPDATE SKIP LOCKED` (a row another claimer holds is skipped, never waited for); on both
+databases the claim is a conditional UPDATE (`WHERE status = 'queued'`), so exactly one wins and
+the other tries the next candidate. The team's row is locked
 first (PostgreSQL; on SQLite the whole database is), so two claims for one team cannot both pass
 its `max_running_jobs` check.
 
@@ -130,6 +132,16 @@ def claim_next_job(db: Database, pool: str, worker_id: str, lease_s: float) -> C
                 select(func.count()).where(Job.team_id == team_id, Job.status == S.RUNNING.value)
             )
             if (running or 0) >= teams[team_id].max_running_jobs:
+                session.rollback()
+                continue
+            # PostgreSQL: lock the job's row, skipping it if a racing claimer holds it (SQLite has
+            # no row locks: its single writer and the conditional update below do the same).
+            free = session.scalar(
+                select(Job.id)
+                .where(Job.id == job_id, Job.status == S.QUEUED.value)
+                .with_for_update(skip_locked=True)
+            )
+            if free is None:
                 session.rollback()
                 continue
             now = time.time()
