@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, aliased
 from service.models import Job, JobEvent, JobStatus, now_s
 from service.schemas import Job as JobSchema
 from service.schemas import JobError, Progress
+from service.webhooks import enqueue_job_event
 
 S = JobStatus
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -80,6 +81,8 @@ def set_status(
         level=level,
         data={"status": new.value, "from": old.value},
     )
+    if new.is_terminal:  # the webhook outbox: written in this same transaction, so never lost
+        enqueue_job_event(session, job, new)
 
 
 def _queued_ahead(pool: Any, priority: Any, pk: Any) -> ColumnElement[int]:

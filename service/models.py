@@ -226,3 +226,43 @@ class Worker(Base):
     current_job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     started_at: Mapped[float] = mapped_column(Float)
     last_heartbeat_at: Mapped[float] = mapped_column(Float)
+
+
+class WebhookEndpoint(Base):
+    """A URL a team registered to be told when its jobs end (service/webhooks.py)."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index(None, "team_id", "pk"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("wh_"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # event types; None: all
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_<base64 key>, signs every delivery
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per (event, endpoint), written in the transaction that ended the job."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index(None, "status", "next_attempt_at"),  # the delivery loop: what is due
+        Index(None, "endpoint_id", "pk"),  # an endpoint's deliveries, newest first
+    )
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("whdel_"))
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(40))  # evt_...: the webhook-id header, same on retries
+    event_type: Mapped[str] = mapped_column(String(64))  # fine_tuning.job.succeeded | failed | cancelled
+    job_id: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[str] = mapped_column(Text)  # the exact JSON body, signed and sent on every attempt
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # None once settled
+    last_response_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

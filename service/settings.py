@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     # with `out_of_memory` instead of taking the node's memory from everything else.
     job_memory_limit_bytes: int = Field(0, ge=0)
 
+    # --- webhooks (service/webhooks.py): delivered by every worker's maintenance thread
+    # Seconds one delivery POST may take.
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    # Retry backoff: base * 2**(attempt - 1) seconds after a failed attempt, capped at max.
+    webhook_backoff_base_s: float = Field(1.0, gt=0)
+    webhook_backoff_max_s: float = Field(3600.0, gt=0)
+    # Attempts before a delivery is given up as `failed`.
+    webhook_max_attempts: int = Field(8, ge=1)
+
     @model_validator(mode="after")
     def _fill_and_check(self) -> Settings:
         if not self.database_url:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -25,6 +26,7 @@ from service.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus, Team
 from service.schemas import (
     CheckpointList,
     CheckpointObject,
+    ErrorBody,
     JobCreate,
     JobEventList,
     JobList,
@@ -240,12 +242,21 @@ async def list_checkpoints(
 
 @router.get(
     "/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/content",
-    summary="Download a checkpoint: its Hugging Face directory as a tar stream",
+    summary="Download a checkpoint: its Hugging Face directory as a tar stream (Range: bytes=N- resumes)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-tar": {}}}},
+    responses={
+        200: {"content": {"application/x-tar": {}}},
+        206: {"description": "the bytes a `Range: bytes=N-` header asked for (resuming a download)"},
+        416: {"model": ErrorBody, "description": "the range starts past the end of the archive"},
+    },
 )
 def checkpoint_content(
-    fine_tuning_job_id: str, checkpoint_id: str, session: SessionDep, team: CurrentTeam, storage: StorageDep
+    fine_tuning_job_id: str,
+    checkpoint_id: str,
+    session: SessionDep,
+    team: CurrentTeam,
+    storage: StorageDep,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> StreamingResponse:
     job = own_job(session, team, fine_tuning_job_id)
     checkpoint = session.scalar(
@@ -259,14 +270,59 @@ def checkpoint_content(
     # The model, without the optimizer state kept for resuming (twice the model's size).
     archive = DirectoryArchive(directory, f"{job.id}-step-{checkpoint.step}", RESUME_ONLY_FILES)
     name = f"{job.id}-step-{checkpoint.step}.tar"
+    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{name}"'}
+    span = byte_range(range_header, archive.length)
+    if span is None:
+        headers["Content-Length"] = str(archive.length)
+        return StreamingResponse(archive.stream(), media_type="application/x-tar", headers=headers)
+    start, end = span
+    headers["Content-Length"] = str(end - start + 1)
+    headers["Content-Range"] = f"bytes {start}-{end}/{archive.length}"
     return StreamingResponse(
-        archive.stream(),
+        _limited(archive.stream(start), end - start + 1),
+        status_code=206,
         media_type="application/x-tar",
-        headers={
-            "Content-Length": str(archive.length),
-            "Content-Disposition": f'attachment; filename="{name}"',
-        },
+        headers=headers,
     )
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def byte_range(header: str | None, length: int) -> tuple[int, int] | None:
+    """The first and last byte (inclusive) a `Range: bytes=N-`, `bytes=N-M` or `bytes=-K` header asks
+    for; None for no header or one this does not parse (served whole, as RFC 9110 allows); a 416 when
+    the range starts at or past the end."""
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first:
+        start, end = int(first), min(int(last), length - 1) if last else length - 1
+        if last and int(last) < start:
+            return None  # syntactically invalid: ignored
+    else:  # the last K bytes
+        start, end = max(length - int(last), 0), length - 1
+        if int(last) == 0:
+            start = length
+    if start >= length:
+        raise APIError(
+            416,
+            f"Range {header!r} starts at or past the end of the {length}-byte archive",
+            param="Range",
+            code="range_not_satisfiable",
+            headers={"Content-Range": f"bytes */{length}"},
+        )
+    return start, end
+
+
+def _limited(chunks: Iterator[bytes], n: int) -> Iterator[bytes]:
+    """The first `n` bytes of `chunks`."""
+    for chunk in chunks:
+        if n <= 0:
+            return
+        yield chunk[:n]
+        n -= len(chunk)
 
 
 @router.get("/{fine_tuning_job_id}/metrics", response_model=MetricsList, summary="A job's per-step metrics")
