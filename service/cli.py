@@ -20,6 +20,7 @@ import typer
 
 from service.schemas import POOL_PATTERN
 from service.settings import Settings, SettingsError, load_settings
+from service.usercli import files_app, jobs_app, models_app
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -29,6 +30,9 @@ app = typer.Typer(
 )
 admin = typer.Typer(help="Teams, API keys, quotas and the model registry.", no_args_is_help=True)
 app.add_typer(admin, name="admin")
+app.add_typer(files_app, name="files")  # the user commands: the REST API from a terminal
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
