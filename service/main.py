@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import admin, files, health, jobs, models
+from service import metrics
+from service.api import admin, files, health, jobs, models, webhooks
 from service.auth import AuthCache
 from service.db import Database
 from service.errors import install_error_handlers
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
     install_error_handlers(app)
     # Routes match in this order: the job poll, the most frequent request by far, comes first.
-    for module in (jobs, files, models, health, admin):
+    for module in (jobs, files, models, health, admin, webhooks):
         app.include_router(module.router)
+    metrics.install(app, app.state.db, settings)  # GET /metrics and the request-latency middleware
     return app

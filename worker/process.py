@@ -23,6 +23,7 @@ from service.db import Database
 from service.dispatch import queue_name, send_dispatch
 from service.models import Worker
 from service.settings import Settings
+from service.webhooks import deliver_due
 from worker.claim import claim_next_job
 from worker.reconciler import reconcile
 from worker.runner import JobRun
@@ -101,6 +102,7 @@ class WorkerProcess:
                 if time.monotonic() - self._last_reconcile >= self.settings.reconcile_every_s:
                     self._last_reconcile = time.monotonic()
                     reconcile(self.db, self.settings)
+                deliver_due(self.db, self.settings)  # webhooks (service/webhooks.py)
             except Exception:  # the database may be restarting: try again next round
                 log.exception("worker maintenance failed; retrying")
             self.stopping.wait(min(self.settings.heartbeat_s, self.settings.reconcile_every_s))

@@ -1,0 +1,170 @@
+"""/v1/webhooks: a team's webhook endpoints and their delivery attempts (service/webhooks.py sends).
+
+The secret that signs an endpoint's deliveries is shown once, when it is created. Another team's
+endpoint id answers the same 404 as an id that never existed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from service.api.deps import CurrentTeam, SessionDep
+from service.errors import not_found
+from service.models import Team, WebhookDelivery, WebhookEndpoint
+from service.schemas import ErrorBody
+from service.webhooks import EVENT_TYPES, new_secret
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses={400: {"model": ErrorBody}})
+
+EventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
+assert set(EventType.__args__) == set(EVENT_TYPES.values())  # type: ignore[attr-defined]
+
+
+class WebhookCreate(BaseModel):
+    url: str = Field(max_length=2048, description="http(s) URL that receives a POST per event")
+    events: list[EventType] | None = Field(None, description="event types to send; omitted or empty: all")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")) or len(url) < 10:
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+
+class WebhookEndpointObject(BaseModel):
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    id: str
+    url: str
+    events: list[str] | None
+    created_at: int
+    secret: str | None = Field(None, description="whsec_...: shown only in the response that created it")
+
+
+class WebhookEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointObject]
+    has_more: bool = False
+
+
+class WebhookEndpointDeleted(BaseModel):
+    object: Literal["webhook_endpoint.deleted"] = "webhook_endpoint.deleted"
+    id: str
+    deleted: bool = True
+
+
+class WebhookDeliveryObject(BaseModel):
+    object: Literal["webhook.delivery"] = "webhook.delivery"
+    id: str
+    endpoint_id: str
+    event_id: str
+    event_type: str
+    job_id: str
+    status: str = Field(description="pending | delivered | failed")
+    attempts: int
+    last_response_code: int | None
+    last_error: str | None
+    next_attempt_at: int | None = Field(description="unix seconds of the next try; null once settled")
+    created_at: int
+    delivered_at: int | None
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryObject]
+    has_more: bool
+
+
+def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> WebhookEndpointObject:
+    return WebhookEndpointObject(
+        id=endpoint.id,
+        url=endpoint.url,
+        events=endpoint.events,
+        created_at=endpoint.created_at,
+        secret=endpoint.secret if with_secret else None,
+    )
+
+
+def own_endpoint(session: Session, team: Team, endpoint_id: str) -> WebhookEndpoint:
+    endpoint = session.scalar(
+        select(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.team_id == team.id)
+    )
+    if endpoint is None:
+        raise not_found("webhook endpoint", endpoint_id, "webhook_id")
+    return endpoint
+
+
+@router.post(
+    "", response_model=WebhookEndpointObject, summary="Register a webhook endpoint (secret shown once)"
+)
+def create_webhook(body: WebhookCreate, session: SessionDep, team: CurrentTeam) -> WebhookEndpointObject:
+    events = sorted(set(body.events)) if body.events else None
+    endpoint = WebhookEndpoint(team_id=team.id, url=body.url, events=events, secret=new_secret())
+    session.add(endpoint)
+    session.commit()
+    return endpoint_object(endpoint, with_secret=True)
+
+
+@router.get("", response_model=WebhookEndpointList, summary="List the team's webhook endpoints")
+def list_webhooks(session: SessionDep, team: CurrentTeam) -> WebhookEndpointList:
+    endpoints = session.scalars(
+        select(WebhookEndpoint).where(WebhookEndpoint.team_id == team.id).order_by(WebhookEndpoint.pk.desc())
+    ).all()
+    return WebhookEndpointList(data=[endpoint_object(e) for e in endpoints])
+
+
+@router.delete("/{webhook_id}", response_model=WebhookEndpointDeleted, summary="Delete an endpoint")
+def delete_webhook(webhook_id: str, session: SessionDep, team: CurrentTeam) -> WebhookEndpointDeleted:
+    endpoint = own_endpoint(session, team, webhook_id)
+    # Its pending deliveries go with it (explicitly: not every SQLite connection enforces CASCADE).
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id))
+    session.delete(endpoint)
+    session.commit()
+    return WebhookEndpointDeleted(id=webhook_id)
+
+
+@router.get(
+    "/{webhook_id}/deliveries",
+    response_model=WebhookDeliveryList,
+    summary="Delivery attempts of an endpoint, newest first",
+)
+def list_deliveries(
+    webhook_id: str,
+    session: SessionDep,
+    team: CurrentTeam,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="a delivery id: list the ones older than it")] = None,
+) -> WebhookDeliveryList:
+    endpoint = own_endpoint(session, team, webhook_id)
+    D = WebhookDelivery
+    query = select(D).where(D.endpoint_id == endpoint.id)
+    if after is not None:
+        cursor = session.scalar(select(D.pk).where(D.id == after, D.endpoint_id == endpoint.id))
+        if cursor is None:
+            raise not_found("webhook delivery", after, "after")
+        query = query.where(D.pk < cursor)
+    rows = session.scalars(query.order_by(D.pk.desc()).limit(limit + 1)).all()
+    data = [
+        WebhookDeliveryObject(
+            id=d.id,
+            endpoint_id=d.endpoint_id,
+            event_id=d.event_id,
+            event_type=d.event_type,
+            job_id=d.job_id,
+            status=d.status,
+            attempts=d.attempts,
+            last_response_code=d.last_response_code,
+            last_error=d.last_error,
+            next_attempt_at=math.ceil(d.next_attempt_at) if d.next_attempt_at is not None else None,
+            created_at=d.created_at,
+            delivered_at=d.delivered_at,
+        )
+        for d in rows[:limit]
+    ]
+    return WebhookDeliveryList(data=data, has_more=len(rows) > limit)

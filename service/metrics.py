@@ -1,0 +1,204 @@
+"""Prometheus metrics: `GET /metrics` (no auth), text format.
+
+Two kinds of series:
+- Computed from the database when scraped (`DatabaseCollector`), so every API replica answers the
+  same numbers whichever process or worker changed them: jobs by status, pool and team; running
+  jobs and live workers (heartbeat within `lease_s`) by pool; webhook deliveries by status; and two
+  histograms over jobs, queue wait (created_at -> started_at, every job that started) and duration
+  (started_at -> finished_at, every job that finished, by final status). The buckets are counted
+  in SQL over all jobs (one `SUM(CASE WHEN x <= le ...)` aggregate per histogram, grouped by pool):
+  each scrape is a handful of GROUP BY scans that send back a few rows, not jobs. All jobs rather
+  than the most recent N, because Prometheus histograms must be cumulative counters (`rate()`
+  over a sliding window of jobs would go backwards as old jobs leave it).
+- Observed in this process: API request latency, by method, route template and status class, from
+  `RequestLatency`, a pure-ASGI middleware (one perf_counter pair and a cached histogram child per
+  request; no BaseHTTPMiddleware, which would cost the hot job poll a task and a copy of the body).
+  With several API processes each answers its own; Prometheus sums them across targets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.db import Database
+from service.models import Job, Team, WebhookDelivery, Worker
+from service.settings import Settings
+
+# Seconds. Queue waits run from instant to hours; jobs from a minute to days.
+QUEUE_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+DURATION_BUCKETS = (10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+router = APIRouter(tags=["health"])
+
+
+def _histogram_rows(
+    session: Session,
+    value: ColumnElement[Any],
+    where: ColumnElement[bool],
+    groups: list[Any],
+    buckets: Iterable[int],
+) -> list[Any]:
+    """Per group: count, sum and the cumulative count at or under each bucket bound, in one scan."""
+    per_bucket = [func.sum(case((value <= bound, 1), else_=0)) for bound in buckets]
+    return list(
+        session.execute(
+            select(*groups, func.count(), func.coalesce(func.sum(value), 0), *per_bucket)
+            .where(where)
+            .group_by(*groups)
+        ).all()
+    )
+
+
+def _histogram(name: str, doc: str, labels: list[str], rows: list[Any], buckets: tuple[int, ...]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    n = len(labels)
+    for row in rows:
+        count, total, cumulative = int(row[n]), float(row[n + 1]), row[n + 2 :]
+        points = [(str(float(b)), int(c or 0)) for b, c in zip(buckets, cumulative, strict=True)]
+        family.add_metric([str(v) for v in row[:n]], [*points, ("+Inf", count)], total)
+    return family
+
+
+class DatabaseCollector(Collector):
+    """The database's view of the system, computed at scrape time with GROUP BY queries."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # registering must not query the database
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        with self.db.session() as session:
+            jobs = session.execute(
+                select(Team.name, Job.pool, Job.status, func.count())
+                .join(Team, Team.id == Job.team_id)
+                .group_by(Team.name, Job.pool, Job.status)
+            ).all()
+            alive = case((Worker.last_heartbeat_at >= now - self.settings.lease_s, 1), else_=0)
+            workers = session.execute(select(Worker.pool, func.sum(alive)).group_by(Worker.pool)).all()
+            deliveries = session.execute(
+                select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+            ).all()
+            waits = _histogram_rows(
+                session,
+                Job.started_at - Job.created_at,
+                Job.started_at.is_not(None),
+                [Job.pool],
+                QUEUE_WAIT_BUCKETS,
+            )
+            durations = _histogram_rows(
+                session,
+                Job.finished_at - Job.started_at,
+                Job.finished_at.is_not(None) & Job.started_at.is_not(None),
+                [Job.pool, Job.status],
+                DURATION_BUCKETS,
+            )
+
+        by_status = GaugeMetricFamily(
+            "tunepool_jobs", "Jobs by status, pool and team", labels=["status", "pool", "team"]
+        )
+        running: dict[str, int] = {pool: 0 for _, pool, _, _ in jobs} | {pool: 0 for pool, _ in workers}
+        for team, pool, status, count in jobs:
+            by_status.add_metric([status, pool, team], int(count))
+            if status == "running":
+                running[pool] += int(count)
+        yield by_status
+        gauge = GaugeMetricFamily("tunepool_jobs_running", "Running jobs by pool", labels=["pool"])
+        for pool, count in sorted(running.items()):
+            gauge.add_metric([pool], count)
+        yield gauge
+        gauge = GaugeMetricFamily(
+            "tunepool_workers_alive", "Workers that heartbeat within lease_s, by pool", labels=["pool"]
+        )
+        for pool, count in workers:
+            gauge.add_metric([pool], int(count or 0))
+        yield gauge
+        gauge = GaugeMetricFamily(
+            "tunepool_webhook_deliveries", "Webhook deliveries by status", labels=["status"]
+        )
+        for status, count in deliveries:
+            gauge.add_metric([status], int(count))
+        yield gauge
+        yield _histogram(
+            "tunepool_job_queue_wait_seconds",
+            "Seconds from creation to first start, of every job that started",
+            ["pool"],
+            waits,
+            QUEUE_WAIT_BUCKETS,
+        )
+        yield _histogram(
+            "tunepool_job_duration_seconds",
+            "Seconds from start to finish, of every finished job that ran",
+            ["pool", "status"],
+            durations,
+            DURATION_BUCKETS,
+        )
+
+
+class RequestLatency:
+    """Pure-ASGI middleware: observes each HTTP request's latency, labelled by method, route template
+    (the path of the route that matched, `unmatched` otherwise) and status class (2xx, 4xx, ...)."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+        self.app = app
+        self.histogram = histogram
+        self._children: dict[tuple[str, str, str], Any] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            key = (scope["method"], route, f"{status // 100}xx")
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self.histogram.labels(*key)
+            child.observe(time.perf_counter() - start)
+
+
+@router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
+def metrics(request: Request) -> Response:
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def install(app: FastAPI, db: Database, settings: Settings) -> None:
+    """`GET /metrics` and the latency middleware, on a registry of this app's own."""
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(db, settings))
+    latency = Histogram(
+        "tunepool_http_request_duration_seconds",
+        "API request latency, by method, route template and status class",
+        ["method", "route", "status"],
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    app.state.metrics_registry = registry
+    app.add_middleware(RequestLatency, histogram=latency)
+    app.include_router(router)
