@@ -485,7 +485,7 @@ def measure_dispatch(stack: Stack, n: int, warmup: int, poll_s: float, rng: rand
 def run_through_service(stack: Stack, steps: int) -> dict[str, Any]:
     """One job through the service: wall time from before the POST to the client seeing `succeeded`."""
     from service.storage import Storage
-    from worker.runner import run_dir
+    from worker.artifacts import run_dir
 
     job_id, sent, _ = submit(stack, steps)
     finished, status, running = wait_finished(stack, job_id, 0.05)

@@ -1,6 +1,6 @@
 """Running one claimed job: the training child, its lease, and moving its outputs into the database.
 
-    run_job(claim)
+    JobRun(db, settings, claim, worker_id).run()
       prepare   config.json from the job row (same file every attempt, so a retry resumes)
       spawn     `python -m worker.child RUN_DIR` in its own process group
       loop      every poll_s: tail metrics/events, register new checkpoints; every heartbeat_s:
@@ -16,9 +16,7 @@ once the job has moved on, they raise `LeaseLost` and the child's process group 
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
-import io
 import json
 import logging
 import os
@@ -29,7 +27,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -37,9 +34,16 @@ from sqlalchemy.exc import OperationalError
 
 from service.db import Database
 from service.jobs import add_event, set_status
-from service.models import Checkpoint, File, Job, JobMetric, JobStatus, Team, new_id
+from service.models import Checkpoint, File, Job, JobMetric, JobStatus, Team
 from service.settings import Settings
 from service.storage import Storage
+from worker.artifacts import (
+    checkpoint_metrics,
+    fine_tuned_model_name,
+    results_file,
+    run_dir,
+    training_config,
+)
 from worker.child import CONFIG_FILE, ERROR_FILE, EXIT_FAILED, STOP_FILE
 from worker.claim import Claim, Fence, LeaseLost
 from worker.tail import JsonlTail
@@ -50,40 +54,6 @@ from worker.training.checkpoint import list_checkpoints
 
 log = logging.getLogger("tunepool.runner")
 S = JobStatus
-# Trainer settings that a job's resolved hyperparameters carry under the same name.
-_TRAINER_FIELDS = (
-    "n_epochs", "batch_size", "learning_rate", "max_seq_length", "max_steps", "warmup_ratio", "lr_scheduler",
-    "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "overlength", "checkpoint_every",
-    "eval_every", "lora",
-)  # fmt: skip
-
-
-def training_config(job: Job, settings: Settings, storage: Storage, files: dict[str, File]) -> dict[str, Any]:
-    """The trainer's config for `job` (worker/training/config.py), as JSON."""
-    hp = job.hyperparameters
-    config: dict[str, Any] = {k: hp[k] for k in _TRAINER_FIELDS if k in hp}
-    config.setdefault("checkpoint_every", settings.default_checkpoint_every)
-    config |= {
-        "model": job.model_source,
-        "loss": job.loss,
-        "train_file": str(storage.path(files[job.training_file].storage_path)),
-        "output_dir": str(run_dir(storage, job.id) / "output"),
-        "seed": job.seed % 2**32,
-        "keep_last_n": settings.keep_checkpoints,
-    }
-    if job.validation_file:
-        config["validation_file"] = str(storage.path(files[job.validation_file].storage_path))
-    return config
-
-
-def run_dir(storage: Storage, job_id: str) -> Path:
-    return storage.path(storage.job_relpath(job_id))
-
-
-def fine_tuned_model_name(job: Job, team_name: str) -> str:
-    """OpenAI's shape: ft:<base>:<org>:<suffix>:<id> (the suffix may be empty)."""
-    base = job.model.split(":")[1] if job.model.startswith("ft:") else job.model
-    return f"ft:{base}:{team_name}:{job.suffix or ''}:{job.id}"
 
 
 class Released(Exception):
@@ -218,7 +188,7 @@ class JobRun:
                         job_id=job.id,
                         step=step,
                         storage_path=rel,
-                        metrics=_checkpoint_metrics(metrics),
+                        metrics=checkpoint_metrics(metrics),
                         fine_tuned_model_checkpoint=f"{self.model_name}:ckpt-step-{step}",
                     )
                 )
@@ -346,45 +316,9 @@ class JobRun:
         job.trained_tokens = int(summary.get("trained_tokens", job.trained_tokens or 0))
         job.steps_completed = int(summary.get("steps", job.steps_completed))
         job.estimated_finish = None
-        results = self._results_file(session, job)
+        results = results_file(session, self.storage, job)
         job.result_files = [results.id]
         set_status(session, job, S.SUCCEEDED, f"Job succeeded: {job.fine_tuned_model}")
-
-    def _results_file(self, session: Any, job: Job) -> File:
-        """The per-step metrics as CSV, attached as a `fine-tune-results` file as OpenAI does."""
-        rows = [
-            m.data
-            for m in session.scalars(
-                select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step)
-            )
-        ]
-        columns: list[str] = []
-        for row in rows:
-            columns += [k for k in row if k not in columns]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        content = buffer.getvalue().encode()
-        import hashlib
-
-        file = File(
-            id=new_id("file-"),
-            team_id=job.team_id,
-            filename=f"{job.id}-results.csv",
-            purpose="fine-tune-results",
-            bytes=len(content),
-            sha256=hashlib.sha256(content).hexdigest(),
-            format="csv",
-            n_examples=len(rows),
-            storage_path="",
-        )
-        file.storage_path = self.storage.file_relpath(job.team_id, file.id).removesuffix(".jsonl") + ".csv"
-        temp = self.storage.temp_path()
-        temp.write_bytes(content)
-        self.storage.commit(temp, file.storage_path)
-        session.add(file)
-        return file
 
     # ------------------------------------------------------------------ all of it
 
@@ -417,20 +351,3 @@ class JobRun:
     def outcome_status(self) -> JobStatus:
         with self.db.session() as session:
             return JobStatus(session.scalars(select(Job.status).where(Job.id == self.claim.job_id)).one())
-
-
-def _checkpoint_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's checkpoint metrics names, from a trainer metrics row."""
-    out: dict[str, Any] = {"step": row.get("step")}
-    names = {
-        "loss": "train_loss",
-        "token_accuracy": "train_mean_token_accuracy",
-        "valid_loss": "valid_loss",
-        "valid_token_accuracy": "valid_mean_token_accuracy",
-        "nll": "train_nll",
-        "valid_nll": "valid_nll",
-    }
-    for ours, theirs in names.items():
-        if ours in row:
-            out[theirs] = row[ours]
-    return out

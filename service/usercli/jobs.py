@@ -1,0 +1,175 @@
+"""`tunepool jobs create|list|get|cancel`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from service.usercli.common import (
+    FROM_YAML_OPTION,
+    JSON_OPTION,
+    LOSSES,
+    Api,
+    _console,
+    _pages,
+    fail,
+    jobs_app,
+    kv_table,
+    print_json,
+    when,
+)
+
+
+def job_body(
+    from_yaml: Path | None,
+    model: str | None,
+    training_file: str | None,
+    validation_file: str | None,
+    loss: str | None,
+    hyperparameters: dict[str, Any],
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """The REST body: the YAML file's fields (the same as the body's), with the options on top."""
+    body: dict[str, Any] = {}
+    if from_yaml is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(from_yaml.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            fail(f"--from-yaml: cannot read {from_yaml}: {err}", 2)
+        if not isinstance(loaded, dict):
+            fail(f"--from-yaml: {from_yaml} must hold a mapping of job fields", 2)
+        body = loaded
+    for key, value in {
+        "model": model,
+        "training_file": training_file,
+        "validation_file": validation_file,
+        **fields,
+    }.items():
+        if value is not None:
+            body[key] = value
+    method = body.get("method") or {}
+    if not isinstance(method, dict):
+        fail("method: must be a mapping like {type: dft}", 2)
+    old_type = method.get("type") or "dft"
+    new_type = LOSSES[loss] if loss else old_type
+    hp = dict(((method.get(old_type) or {}).get("hyperparameters")) or {})
+    hp |= {k: v for k, v in hyperparameters.items() if v is not None}
+    body["method"] = {"type": new_type, **({new_type: {"hyperparameters": hp}} if hp else {})}
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "training_file") if not body.get(k)]
+    if missing:
+        fail(f"give {' and '.join(missing)} (or put them in --from-yaml)", 2)
+    return body
+
+
+@jobs_app.command("create")
+def jobs_create(
+    model: str | None = typer.Option(None, help="a base model or one of your fine-tuned models"),
+    training_file: str | None = typer.Option(None, help="the training file's id (file-...)"),
+    validation_file: str | None = typer.Option(None, help="the validation file's id"),
+    loss: str | None = typer.Option(None, help="dft (default) or sft"),
+    epochs: int | None = typer.Option(None, help="n_epochs"),
+    batch_size: int | None = typer.Option(None, help="sequences per optimizer step"),
+    learning_rate: float | None = typer.Option(None, help="peak learning rate"),
+    max_steps: int | None = typer.Option(None, help="stop after this many optimizer steps"),
+    suffix: str | None = typer.Option(None, help="added to the fine-tuned model's name"),
+    pool: str | None = typer.Option(None, help="the GPU pool to run on"),
+    priority: int | None = typer.Option(None, help="-100..100, higher first within your team"),
+    from_yaml: Path | None = FROM_YAML_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create a fine-tuning job (DFT unless --loss sft or the YAML says otherwise)."""
+    if loss is not None and loss not in LOSSES:
+        fail(f"--loss: {loss!r} is not one of dft, sft", 2)
+    body = job_body(
+        from_yaml,
+        model,
+        training_file,
+        validation_file,
+        loss,
+        {
+            "n_epochs": epochs,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "max_steps": max_steps,
+        },
+        {"suffix": suffix, "pool": pool, "priority": priority},
+    )
+    job = Api().request("POST", "/v1/fine_tuning/jobs", json=body)
+    if as_json:
+        return print_json(job)
+    typer.echo(f"created job {job['id']} ({job['method']['type']} on {job['model']}, {job['status']})")
+    typer.echo(f"follow it with: tunepool jobs follow {job['id']}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: str | None = typer.Option(None, help="only jobs in this status (queued, running, ...)"),
+    limit: int = typer.Option(20, help="at most this many jobs"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List your team's jobs, newest first."""
+    jobs = _pages(Api(), "/v1/fine_tuning/jobs", limit, status=status)
+    if as_json:
+        return print_json(jobs)
+    table = Table(
+        "id", "model", "method", "status", "steps", "created (UTC)", "fine-tuned model", title="jobs"
+    )
+    for j in jobs:
+        p = j["progress"]
+        steps = f"{p['steps_completed']}/{p['total_steps'] if p['total_steps'] is not None else '?'}"
+        method = j["method"]["type"]
+        table.add_row(
+            j["id"],
+            j["model"],
+            method,
+            j["status"],
+            steps,
+            when(j["created_at"]),
+            j["fine_tuned_model"] or "-",
+        )
+    _console().print(table)
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, as_json: bool = JSON_OPTION) -> None:
+    """Show one job."""
+    job = Api().get(f"/v1/fine_tuning/jobs/{job_id}")
+    if as_json:
+        return print_json(job)
+    error = job.get("error")
+    kv_table(
+        job["id"],
+        {
+            "status": job["status"],
+            "model": job["model"],
+            "method": job["method"]["type"],
+            "fine_tuned_model": job["fine_tuned_model"],
+            "training_file": job["training_file"],
+            "validation_file": job["validation_file"],
+            "hyperparameters": job["hyperparameters"],
+            "progress": job["progress"],
+            "queue_position": job.get("queue_position"),
+            "pool": job["pool"],
+            "priority": str(job["priority"]),
+            "attempt": str(job["attempt"]),
+            "trained_tokens": job["trained_tokens"],
+            "created_at": when(job["created_at"]),
+            "finished_at": when(job["finished_at"]) if job["finished_at"] else None,
+            "error": f"{error['code']}: {error['message']}" if error else None,
+            "result_files": ", ".join(job["result_files"]) or None,
+        },
+    )
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, as_json: bool = JSON_OPTION) -> None:
+    """Cancel a job (a running one stops after its current step)."""
+    job = Api().request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    if as_json:
+        return print_json(job)
+    typer.echo(f"cancel requested: job {job['id']} is {job['status']}")
