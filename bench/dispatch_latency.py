@@ -86,10 +86,8 @@ import math
 import os
 import platform
 import random
-import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -101,8 +99,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.api_load import PG_ADMIN_DSN, free_port, throwaway_database
+
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 REDIS_DB = 12
 REDIS_BROKER_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -126,15 +125,6 @@ CHATML = (
 
 def log(message: str) -> None:
     print(f"[dispatch_latency] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# ----------------------------------------------------------------------------- model and data
 
 
 def build_tiny_model(path: Path) -> Path:
@@ -264,21 +254,6 @@ class Stack:
     home: Path
 
 
-@contextlib.contextmanager
-def pg_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"tunepool_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield name
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        log(f"dropped database {name}")
-
-
 def flush_redis() -> None:
     import redis
 
@@ -297,7 +272,7 @@ def running_stack(backend: str, home: Path, model_dir: Path, args: argparse.Name
     home.mkdir(parents=True)
     with contextlib.ExitStack() as stack:
         if backend == "redis":
-            name = stack.enter_context(pg_database())
+            name = stack.enter_context(throwaway_database())
             database_url, broker_url = PG_URL.format(name=name), REDIS_BROKER_URL
             flush_redis()
             stack.callback(flush_redis)

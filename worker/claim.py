@@ -161,8 +161,7 @@ def claim_next_job(db: Database, pool: str, worker_id: str, lease_s: float) -> C
             if not won:  # another worker took it first
                 session.rollback()
                 continue
-            job = session.scalars(select(Job).where(Job.id == job_id)).one()
-            session.refresh(job)
+            job = session.scalars(select(Job).where(Job.id == job_id)).one()  # as the UPDATE left it
             add_event(
                 session,
                 job,

@@ -327,12 +327,11 @@ class JobRun:
         try:
             self.prepare()
             self.spawn()
-            code = self.watch()
-            self.finish(self.outcome(code))
-            return self.outcome_status
+            outcome = self.outcome(self.watch())
+            self.finish(outcome)
+            return outcome.status
         except LeaseLost as err:
-            log.warning("%s: stopping the run", err)
-            self.kill()
+            log.warning("%s: stopping the run", err)  # the child is killed below
             return None
         except Released:
             self.kill()
@@ -346,8 +345,3 @@ class JobRun:
             return S.QUEUED
         finally:
             self.kill()
-
-    @property
-    def outcome_status(self) -> JobStatus:
-        with self.db.session() as session:
-            return JobStatus(session.scalars(select(Job.status).where(Job.id == self.claim.job_id)).one())
