@@ -28,8 +28,10 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(system: System) -> Non
     first = system.start_worker()
     client = system.team()
     file_id = system.new_file(client, n=64)
-    # 16 steps, a checkpoint every 2.
-    job = system.submit(client, file_id, hyperparameters={"batch_size": 4, "checkpoint_every": 2})
+    # 64 steps (4 epochs of 16), a checkpoint every 2: long enough that the kill lands mid-run even
+    # when the machine is idle and the tiny model trains fast.
+    hp = {"batch_size": 4, "n_epochs": 4, "checkpoint_every": 2}
+    job = system.submit(client, file_id, hyperparameters=hp)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
@@ -38,7 +40,7 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(system: System) -> Non
         time.sleep(0.1)
     assert checkpoints, system.worker_logs()
     current = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-    assert current["status"] == "running" and current["progress"]["steps_completed"] < 16
+    assert current["status"] == "running" and current["progress"]["steps_completed"] < 64
     kill_tree(first.pid)
     killed_at_step = max(c["step_number"] for c in checkpoints)
 
@@ -46,13 +48,13 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(system: System) -> Non
     done = system.wait(client, job["id"])
     assert done["status"] == "succeeded", system.events(client, job["id"])
     events = system.events(client, job["id"])
-    assert done["attempt"] == 2 and done["progress"]["steps_completed"] == 16, events
+    assert done["attempt"] == 2 and done["progress"]["steps_completed"] == 64, events
     restarted = [e for e in events if "restarted from checkpoint step" in e]
     assert restarted, events
     resumed_step = int(restarted[0].split("restarted from checkpoint step ")[1].split()[0])
     assert resumed_step >= killed_at_step
     metrics = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics").json()["data"]
-    assert [m["step"] for m in metrics] == list(range(1, 17))  # one row per step, none twice
+    assert [m["step"] for m in metrics] == list(range(1, 65))  # one row per step, none twice
     assert {m["attempt"] for m in metrics} == {1, 2}  # steps after the checkpoint were trained again
     assert all(m["attempt"] == 2 for m in metrics if m["step"] > resumed_step)
 
