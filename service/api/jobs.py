@@ -167,7 +167,7 @@ async def list_events(
         job_id = await own_job_id(conn, team, fine_tuning_job_id)
         if stream:
             return StreamingResponse(
-                _event_stream(request, job_id),
+                event_stream(request, job_id),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -181,7 +181,7 @@ async def list_events(
     )
 
 
-async def _event_stream(request: Request, job_id: str, poll_s: float = 0.5) -> AsyncIterator[str]:
+async def event_stream(request: Request, job_id: str, poll_s: float = 0.5) -> AsyncIterator[str]:
     """Every event in order as `data: <json>`, then `event: end` once the job has ended."""
     db = get_database(request)
     last_pk = 0

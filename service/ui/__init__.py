@@ -1,0 +1,1 @@
+"""The web dashboard's templates and static files (served by service/api/ui.py)."""
