@@ -37,14 +37,22 @@ Targets and workloads (`--workload`, comma-separated; each runs against tunepool
     poll_active  the same over the queued and running jobs only (what polling clients mostly do)
     list         GET /v1/fine_tuning/jobs?limit=20 for a random team (75%), or with
                  &after=<a random job of that team> (25%)
+    create       POST /v1/fine_tuning/jobs: a DFT job on one of the team's files, a new job each
+                 time (committed under the team's lock, with a dispatch message to Redis; no worker
+                 runs, so they stay queued: the teams' max_queued_jobs is raised for the run)
+    upload       POST /v1/files: a 16-conversation chat JSONL (~2.5 KB) as multipart, streamed,
+                 validated line by line, stored and committed under the team's storage quota
+    mix          70% poll, 15% list, 10% create, 5% upload, shuffled (one figure for the whole mix)
     bare         (always run) the poll request list against the bare app's `def` endpoint
     bare_async   (always run) the same against its `async def` endpoint (the framework's floor)
-More workloads (job creation, uploads, mixes) plug in as functions in WORKLOADS that return
-request lines; `--clients 32,128` repeats everything per client count.
+More workloads plug in as functions in WORKLOADS that return Requests (with bodies);
+`--clients 32,128` repeats everything per client count. Redis database 14 (the dispatch messages
+of created jobs) is flushed before and after.
 
 Goals (issue: API load): at each client count, poll requests/s >= 50% of bare's (the `def`
 endpoint: FastAPI's common way to serve an object), poll p99 <= 50 ms (and no request
-timed out), and no poll errors. The load is closed-loop (each connection sends its next request
+timed out), and no poll errors; create, upload and mix: no errors (every answer a 2xx).
+The load is closed-loop (each connection sends its next request
 when the answer arrives), so mean latency is about clients / throughput: at 32 clients a p99 of
 50 ms needs several hundred requests/s with a short tail, whatever the handler does.
 
@@ -130,6 +138,7 @@ class Seeded:
     files: int
     seconds: float
     by_status: dict[str, int] = field(default_factory=dict)
+    team_files: list[list[str]] = field(default_factory=list)  # file ids of team i
 
 
 def rand_id(rng: random.Random, prefix: str, length: int = 24) -> str:
@@ -214,12 +223,12 @@ def job_row(
 
 
 def seed(database_url: str, n_jobs: int, n_teams: int, rng: random.Random) -> Seeded:
-    from sqlalchemy import insert, text
+    from sqlalchemy import insert, text, update
 
     from service.db import Database
-    from service.models import File, Job
+    from service.models import File, Job, Team
     from service.settings import load_settings
-    from service.teams import create_team
+    from service.teams import add_model, create_team
 
     start = time.perf_counter()
     settings = load_settings(database_url=database_url, broker_url=BROKER_URL)
@@ -252,6 +261,10 @@ def seed(database_url: str, n_jobs: int, n_teams: int, rng: random.Random) -> Se
                         }
                     )
             session.execute(insert(File), file_rows)
+            # The create and mix workloads submit real jobs: the model they name must be registered,
+            # and no team may hit its queued-jobs or storage quota during a run (a 429 is an error).
+            add_model(session, settings, CREATE_MODEL, "/models/not-loaded-by-this-benchmark")
+            session.execute(update(Team).values(max_queued_jobs=10**9, max_storage_bytes=10**15))
             session.commit()
         jobs: list[SeededJob] = []
         by_status: dict[str, int] = {}
@@ -269,7 +282,7 @@ def seed(database_url: str, n_jobs: int, n_teams: int, rng: random.Random) -> Se
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
     finally:
         db.dispose()
-    return Seeded(keys, team_ids, jobs, len(file_rows), time.perf_counter() - start, by_status)
+    return Seeded(keys, team_ids, jobs, len(file_rows), time.perf_counter() - start, by_status, team_files)
 
 
 @contextlib.contextmanager
@@ -289,19 +302,85 @@ def throwaway_database() -> Iterator[str]:
 
 # ----------------------------------------------------------------------------- workloads
 
-# A request line for wrk: (method, path, API key or ""). More workloads (creation, uploads, mixes)
-# add a function here; request bodies would be a fourth field.
-Request = tuple[str, str, str]
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a workload's list; wrk picks from the list at random."""
+
+    method: str
+    path: str
+    key: str  # API key, or "" for none
+    body: bytes = b""
+    content_type: str = ""
+
+
 JOBS_PATH = "/v1/fine_tuning/jobs"
+CREATE_MODEL = MODELS[0]
+UPLOAD_BOUNDARY = "tunepoolbenchboundary"
 
 
 def poll_requests(seeded: Seeded, rng: random.Random) -> list[Request]:
-    return [("GET", f"{JOBS_PATH}/{j.id}", seeded.keys[j.team]) for j in seeded.jobs]
+    return [Request("GET", f"{JOBS_PATH}/{j.id}", seeded.keys[j.team]) for j in seeded.jobs]
 
 
 def poll_active_requests(seeded: Seeded, rng: random.Random) -> list[Request]:
     active = [j for j in seeded.jobs if j.status in ("queued", "running")]
-    return [("GET", f"{JOBS_PATH}/{j.id}", seeded.keys[j.team]) for j in active]
+    return [Request("GET", f"{JOBS_PATH}/{j.id}", seeded.keys[j.team]) for j in active]
+
+
+def create_requests(seeded: Seeded, rng: random.Random) -> list[Request]:
+    """POST /v1/fine_tuning/jobs: a DFT job on one of the team's files (each request a new job: no
+    Idempotency-Key). Each is committed and its dispatch message sent to Redis; no worker runs."""
+    out = []
+    for team, key in enumerate(seeded.keys):
+        for file_id in seeded.team_files[team][:3]:
+            body = {
+                "model": CREATE_MODEL,
+                "training_file": file_id,
+                "method": {"type": "dft", "dft": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}}},
+                "suffix": "load",
+            }
+            out.append(Request("POST", JOBS_PATH, key, json.dumps(body).encode(), "application/json"))
+    return out
+
+
+def upload_requests(seeded: Seeded, rng: random.Random) -> list[Request]:
+    """POST /v1/files: a 16-conversation chat JSONL (about 2.5 KB) as multipart, validated and stored."""
+    out = []
+    for key in seeded.keys:
+        lines = []
+        for _ in range(16):
+            a, b = rng.randint(1, 999), rng.randint(1, 999)
+            messages = [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "content": f"{a} + {b} = {a + b}."},
+            ]
+            lines.append(json.dumps({"messages": messages}))
+        content = ("\n".join(lines) + "\n").encode()
+        part = f"--{UPLOAD_BOUNDARY}\r\nContent-Disposition: form-data; name="
+        head = (
+            f'{part}"purpose"\r\n\r\nfine-tune\r\n'
+            f'{part}"file"; filename="load.jsonl"\r\nContent-Type: application/jsonl\r\n\r\n'
+        )
+        body = head.encode() + content + f"\r\n--{UPLOAD_BOUNDARY}--\r\n".encode()
+        content_type = f"multipart/form-data; boundary={UPLOAD_BOUNDARY}"
+        out.append(Request("POST", "/v1/files", key, body, content_type))
+    return out
+
+
+# The mix: what a pool's clients do in a day, by request count (polls dominate: `jobs follow`,
+# dashboards and scripts poll while few jobs are created or files uploaded).
+MIX = {"poll": 0.70, "list": 0.15, "create": 0.10, "upload": 0.05}
+MIX_SIZE = 20_000
+
+
+def mix_requests(seeded: Seeded, rng: random.Random) -> list[Request]:
+    out: list[Request] = []
+    for name, share in MIX.items():
+        pool = WORKLOADS[name](seeded, rng)
+        out += [rng.choice(pool) for _ in range(round(MIX_SIZE * share))]
+    rng.shuffle(out)
+    return out
 
 
 def list_requests(seeded: Seeded, rng: random.Random, n: int = 20_000) -> list[Request]:
@@ -315,7 +394,7 @@ def list_requests(seeded: Seeded, rng: random.Random, n: int = 20_000) -> list[R
             path = f"{JOBS_PATH}?limit=20&after={rng.choice(per_team[team])}"
         else:
             path = f"{JOBS_PATH}?limit=20"
-        out.append(("GET", path, seeded.keys[team]))
+        out.append(Request("GET", path, seeded.keys[team]))
     return out
 
 
@@ -323,13 +402,27 @@ WORKLOADS: dict[str, Callable[[Seeded, random.Random], list[Request]]] = {
     "poll": poll_requests,
     "poll_active": poll_active_requests,
     "list": list_requests,
+    "create": create_requests,
+    "upload": upload_requests,
+    "mix": mix_requests,
 }
 
 
 def write_requests(path: Path, requests: list[Request]) -> Path:
+    """One line per request: method, path, key, body file ("" for none), content type. Bodies are
+    written once each, next to the list, and read once by wrk's Lua script."""
+    bodies: dict[bytes, Path] = {}
+    body_dir = path.with_suffix(".bodies")
     with path.open("w") as f:
-        for method, target, key in requests:
-            f.write(f"{method}\t{target}\t{key}\n")
+        for r in requests:
+            body_path = ""
+            if r.body:
+                if r.body not in bodies:
+                    body_dir.mkdir(exist_ok=True)
+                    bodies[r.body] = body_dir / f"{len(bodies)}.body"
+                    bodies[r.body].write_bytes(r.body)
+                body_path = str(bodies[r.body])
+            f.write(f"{r.method}\t{r.path}\t{r.key}\t{body_path}\t{r.content_type}\n")
     return path
 
 
@@ -389,7 +482,8 @@ def fetch_json(url: str, key: str) -> tuple[int, bytes]:
 # ----------------------------------------------------------------------------- load (wrk)
 
 LUA = r"""
--- bench/api_load.py: random requests from a list (method \t path \t key), non-2xx counted.
+-- bench/api_load.py: random requests from a list (method \t path \t key \t body file \t content
+-- type), non-2xx counted.
 -- args: <requests file> <seed> <path prefix>
 local reqs, n = {}, 0
 local threads, count = {}, 0
@@ -403,12 +497,22 @@ end
 
 function init(args)
   local prefix = args[3] or ""
+  local bodies = {}
   for line in io.lines(args[1]) do
-    local method, path, key = line:match("^(%S+)\t(%S+)\t(%S*)$")
-    local headers = {}
+    local method, path, key, body_file, ctype = line:match("^(%S+)\t(%S+)\t(%S*)\t([^\t]*)\t(.*)$")
+    local headers, body = {}, nil
     if key ~= "" then headers["Authorization"] = "Bearer " .. key end
+    if body_file ~= "" then
+      if bodies[body_file] == nil then
+        local f = assert(io.open(body_file, "rb"))
+        bodies[body_file] = f:read("*a")
+        f:close()
+      end
+      body = bodies[body_file]
+      headers["Content-Type"] = ctype
+    end
     n = n + 1
-    reqs[n] = wrk.format(method, prefix .. path, headers)
+    reqs[n] = wrk.format(method, prefix .. path, headers, body)
   end
   math.randomseed(tonumber(args[2]) + thread_no * 7919)
 end
@@ -623,6 +727,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "api_load", "host": host_info()}
     result["host"]["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     servers: list[Server] = []
+    flush_broker()
     try:
         with throwaway_database() as db_name:
             database_url = PG_URL.format(name=db_name)
@@ -718,6 +823,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         for server in servers:
             stop_server(server)
+        flush_broker()
         if args.keep_logs:
             log(f"server logs kept in {tmp}")
         else:
@@ -760,7 +866,24 @@ def ratios_and_goals(
                 "value": poll["errors"],
                 "met": poll["errors"] == 0 and poll["requests"] > 0,
             }
+        for name in ("create", "upload", "mix"):
+            if name in workloads:
+                run = by[(clients, name)]
+                goals[f"{name}_errors@{clients}"] = {
+                    "goal": "== 0, and some answers",
+                    "value": run["errors"],
+                    "met": run["errors"] == 0 and run["requests"] > 0,
+                }
     return ratios, goals
+
+
+def flush_broker() -> None:
+    """Drop the dispatch messages of the jobs the create and mix workloads made."""
+    import redis
+
+    host_port, db = BROKER_URL.removeprefix("redis://").rsplit("/", 1)
+    host, port = host_port.split(":")
+    redis.Redis(host=host, port=int(port), db=int(db)).flushdb()
 
 
 if __name__ == "__main__":
