@@ -127,8 +127,9 @@ def log(message: str) -> None:
     print(f"[dispatch_latency] {message}", file=sys.stderr, flush=True)
 
 
-def build_tiny_model(path: Path) -> Path:
-    """A 2-layer Llama with a byte-level BPE tokenizer and ChatML (tests/worker/training/conftest.py)."""
+def build_tiny_model(path: Path, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer and ChatML (tests/worker/training/conftest.py);
+    bench/chaos.py asks for a wider, deeper one, so that a job's steps take some time."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -152,7 +153,8 @@ def build_tiny_model(path: Path) -> Path:
     )
     tokenizer.chat_template = CHATML
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )  # fmt: skip
