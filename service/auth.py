@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import string
 import time
@@ -22,6 +23,9 @@ from service.models import ApiKey, Team, now_s
 
 _ALPHABET = string.ascii_letters + string.digits
 KEY_PREFIX = "tp-"
+# Text shaped like a key (its visible prefix, then at least 8 secret characters): masked in every
+# error message, since a client may paste its key where an id or a cursor goes and errors quote those.
+_KEY_LIKE = re.compile(r"(tp-[A-Za-z0-9]{8})-[A-Za-z0-9]{8,}")
 
 
 def hash_key(key: str) -> str:
@@ -40,6 +44,11 @@ def create_key(session: Session, team: Team, *, is_admin: bool = False) -> str:
     key, prefix = generate_key()
     session.add(ApiKey(team_id=team.id, prefix=prefix, key_hash=hash_key(key), is_admin=is_admin))
     return key
+
+
+def redact_keys(text: str) -> str:
+    """`text` with anything shaped like an API key cut down to its (non-secret) prefix."""
+    return _KEY_LIKE.sub(r"\1-<redacted>", text) if KEY_PREFIX in text else text
 
 
 def _prefix(key: str) -> str | None:

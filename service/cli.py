@@ -121,12 +121,15 @@ def api(
     """Serve the REST API with uvicorn."""
     import uvicorn
 
+    from service.http_protocol import protocol_class
+
     settings = _settings()
     uvicorn.run(
         "service.main:create_app",
         factory=True,
         host=host or settings.api_host,
         port=port or settings.api_port,
+        http=protocol_class(),  # httptools, with a limit on the size of a request's headers
         log_level="info",
         access_log=False,  # request lines would carry nothing secret, but keep the log about the service
     )

@@ -51,6 +51,9 @@ def _engine_options(settings: Settings) -> dict[str, Any]:
         # JSON columns (method, hyperparameters, metadata, error) decode in every job read:
         # orjson is several times faster than the standard library there.
         "json_deserializer": orjson.loads,
+        # A failed statement's error message (logged) leaves out its bound values: those carry what
+        # clients sent (an API key pasted into an id, say) and the webhook secrets written.
+        "hide_parameters": True,
     }
     if settings.is_sqlite:
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}

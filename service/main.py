@@ -18,7 +18,8 @@ from service.api import admin, files, health, jobs, models, ui, webhooks
 from service.auth import AuthCache
 from service.db import Database
 from service.errors import install_error_handlers
-from service.schemas import ErrorBody
+from service.http_protocol import RequestBodyLimit
+from service.ratelimit import FailureLimiter
 from service.settings import Settings, get_settings
 from service.storage import Storage
 
@@ -47,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+        # Error responses are declared per router and route (service.errors.error_responses), each
+        # with the statuses it really answers; validation errors are documented in install_error_handlers.
     )
     # python-multipart logs a warning per malformed upload; the 400 answer already says it all.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -55,10 +57,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = Database(settings)
     app.state.storage = Storage(settings.artifacts)
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
+    app.state.auth_failures = FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_s)
     install_error_handlers(app)
     # Routes match in this order: the job poll, the most frequent request by far, comes first.
     for module in (jobs, files, models, health, admin, webhooks):
         app.include_router(module.router)
     ui.install(app)  # the web dashboard at /ui
     metrics.install(app, app.state.db, settings)  # GET /metrics and the request-latency middleware
+    # Uploads stream to storage under their own limit (max_upload_bytes); every other body is small.
+    app.add_middleware(
+        RequestBodyLimit, limit=settings.max_request_body_bytes, streamed=frozenset({("POST", "/v1/files")})
+    )
     return app

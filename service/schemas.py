@@ -20,6 +20,13 @@ AUTO_N_EPOCHS = 3
 AUTO_BATCH_SIZE = 8
 
 
+def not_a_boolean(value: object) -> object:
+    """A `mode="before"` check for number fields: pydantic would take JSON true/false as 1 and 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
 class LoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +37,8 @@ class LoraIn(BaseModel):
         list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] | Literal["all-linear"]
     ) = "all-linear"
     merge: bool = False
+
+    _numbers = field_validator("r", "alpha", "dropout", mode="before")(not_a_boolean)
 
 
 class Hyperparameters(BaseModel):
@@ -52,6 +61,8 @@ class Hyperparameters(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
     lora: LoraIn | None = None
+
+    _numbers = field_validator("*", mode="before")(not_a_boolean)  # no field here is a boolean
 
     @field_validator("n_epochs")
     @classmethod
@@ -137,6 +148,8 @@ class JobCreate(BaseModel):
     integrations: list[Any] | None = None
     pool: PoolName | None = None
     priority: int = Field(0, ge=-100, le=100)
+
+    _numbers = field_validator("seed", "priority", mode="before")(not_a_boolean)
 
     @field_validator("metadata")
     @classmethod

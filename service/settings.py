@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     storage_dir: Path | None = None
     # Largest accepted upload, in bytes (413 above it).
     max_upload_bytes: int = Field(1024**3, ge=1024)
+    # Largest body of any other request (job creation, webhooks, admin...), in bytes (413 above it).
+    max_request_body_bytes: int = Field(1024**2, ge=1024)
     # Longest accepted JSONL line of an upload, in bytes.
     max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Bad lines listed in an upload's 400 error (all are counted).
@@ -55,6 +57,11 @@ class Settings(BaseSettings):
     # Seconds a verified API key is remembered by an API process. A key revoked elsewhere (CLI,
     # another replica) stops working within this time; 0 checks the database on every request.
     auth_cache_seconds: float = Field(5.0, ge=0, le=300)
+    # Failed authentications (a wrong, revoked or malformed key) one client address may make per
+    # auth_failure_window_s before its further bad keys answer 429 (service/ratelimit.py); its valid
+    # keys keep working. Counted per API process; 0 turns the limit off.
+    auth_failure_limit: int = Field(20, ge=0)
+    auth_failure_window_s: float = Field(60.0, gt=0)
 
     # --- workers (worker/): leases, heartbeats, recovery
     # A running job's lease: a worker that has not renewed it for this long is presumed dead, and

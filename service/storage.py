@@ -24,12 +24,22 @@ class Storage:
         (self.root / "tmp").mkdir(exist_ok=True)
 
     def path(self, relative: str) -> Path:
-        """The absolute path of a stored artifact; refuses anything outside the root."""
+        """The absolute path of a stored artifact; refuses anything outside the root.
+
+        Checked after resolving: `..`, an absolute path and a symlink that leads out are all refused."""
         if "\x00" in relative:
             raise StorageError("NUL in path")
         full = (self.root / relative).resolve()
         if full != self.root and self.root not in full.parents:
             raise StorageError(f"{relative!r} is outside the artifact directory")
+        return full
+
+    def _artifact_path(self, relative: str) -> Path:
+        """`path`, refusing the root itself too: nothing writes over or deletes the whole directory
+        (an empty or `.`-only storage path would otherwise mean exactly that)."""
+        full = self.path(relative)
+        if full == self.root:
+            raise StorageError(f"{relative!r} names the artifact directory itself")
         return full
 
     def temp_path(self) -> Path:
@@ -38,13 +48,13 @@ class Storage:
 
     def commit(self, temp: Path, relative: str) -> Path:
         """Move a finished temporary file to its final place, atomically."""
-        final = self.path(relative)
+        final = self._artifact_path(relative)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, final)
         return final
 
     def delete(self, relative: str) -> None:
-        target = self.path(relative)
+        target = self._artifact_path(relative)
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
         else:

@@ -163,7 +163,7 @@ def _send(client: httpx.Client, item: _Claimed) -> _Result:
     }
     try:
         response = client.post(item.url, content=item.payload.encode(), headers=headers)
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, httpx.InvalidURL) as err:  # InvalidURL is no HTTPError: it would end the batch
         return _Result(False, None, f"{type(err).__name__}: {err}"[:500])
     if 200 <= response.status_code < 300:
         return _Result(True, response.status_code, None)

@@ -32,14 +32,14 @@ from service.admin_schemas import (
     team_object,
 )
 from service.api.deps import AdminTeam, SessionDep, SettingsDep
-from service.errors import APIError
-from service.schemas import ErrorBody
+from service.errors import AUTH_ERRORS, APIError, error_responses
 
 router = APIRouter(
     prefix="/v1/admin",
     tags=["admin"],
-    responses={403: {"model": ErrorBody, "description": "not an admin key"}},
+    responses=error_responses(*AUTH_ERRORS, 403),  # 403: a key, but not an admin key
 )
+_NO_SUCH = error_responses(404)  # no team, key prefix or model of that name
 _CODES = {404: "not_found", 409: "already_exists"}
 
 
@@ -62,7 +62,12 @@ def _team(session: SessionDep, name: str) -> TeamObject:
     return team_object(teams.list_teams(session, name)[0])
 
 
-@router.post("/teams", response_model=TeamCreated, summary="Create a team and its first API key")
+@router.post(
+    "/teams",
+    response_model=TeamCreated,
+    summary="Create a team and its first API key",
+    responses=error_responses(409),  # the name is taken
+)
 def create_team(
     body: TeamCreate, session: SessionDep, settings: SettingsDep, _admin: AdminTeam
 ) -> TeamCreated:
@@ -76,26 +81,38 @@ def list_teams(session: SessionDep, _admin: AdminTeam) -> TeamList:
     return TeamList(data=[team_object(usage) for usage in teams.list_teams(session)])
 
 
-@router.get("/teams/{name}", response_model=TeamObject, summary="Retrieve a team")
+@router.get("/teams/{name}", response_model=TeamObject, summary="Retrieve a team", responses=_NO_SUCH)
 def get_team(name: str, session: SessionDep, _admin: AdminTeam) -> TeamObject:
     with admin_errors():
         return _team(session, name)
 
 
-@router.patch("/teams/{name}/quota", response_model=TeamObject, summary="Change a team's quotas")
+@router.patch(
+    "/teams/{name}/quota", response_model=TeamObject, summary="Change a team's quotas", responses=_NO_SUCH
+)
 def set_quota(name: str, body: QuotaUpdate, session: SessionDep, _admin: AdminTeam) -> TeamObject:
     with admin_errors():
         team = teams.set_quota(session, name, **body.model_dump(exclude_none=True))
         return _team(session, team.name)
 
 
-@router.get("/teams/{name}/keys", response_model=ApiKeyList, summary="List a team's keys (prefixes)")
+@router.get(
+    "/teams/{name}/keys",
+    response_model=ApiKeyList,
+    summary="List a team's keys (prefixes)",
+    responses=_NO_SUCH,
+)
 def list_keys(name: str, session: SessionDep, _admin: AdminTeam) -> ApiKeyList:
     with admin_errors():
         return ApiKeyList(data=[key_object(k) for k in teams.list_keys(session, name)])
 
 
-@router.post("/teams/{name}/keys", response_model=ApiKeyCreated, summary="Create another key for a team")
+@router.post(
+    "/teams/{name}/keys",
+    response_model=ApiKeyCreated,
+    summary="Create another key for a team",
+    responses=_NO_SUCH,
+)
 def create_key(
     name: str, session: SessionDep, _admin: AdminTeam, body: KeyCreate | None = None
 ) -> ApiKeyCreated:
@@ -104,7 +121,12 @@ def create_key(
         return _created_key(session, key)
 
 
-@router.post("/keys/{prefix}/revoke", response_model=ApiKeyObject, summary="Revoke a key (by its prefix)")
+@router.post(
+    "/keys/{prefix}/revoke",
+    response_model=ApiKeyObject,
+    summary="Revoke a key (by its prefix)",
+    responses=_NO_SUCH,
+)
 def revoke_key(prefix: str, request: Request, session: SessionDep, _admin: AdminTeam) -> ApiKeyObject:
     with admin_errors():
         record = teams.revoke_key(session, prefix)
@@ -125,7 +147,9 @@ def add_model(
         return model_object(teams.add_model(session, settings, body.name, body.source, body.pool))
 
 
-@router.delete("/models/{name:path}", response_model=ModelDeleted, summary="Unregister a base model")
+@router.delete(
+    "/models/{name:path}", response_model=ModelDeleted, summary="Unregister a base model", responses=_NO_SUCH
+)
 def remove_model(name: str, session: SessionDep, _admin: AdminTeam) -> ModelDeleted:
     with admin_errors():
         teams.remove_model(session, name)

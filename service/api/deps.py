@@ -1,4 +1,5 @@
-"""Request dependencies: `SessionDep`, `CurrentTeam`, `AdminTeam`, `SettingsDep`, `StorageDep`.
+"""Request dependencies: `SessionDep`, `CurrentTeam`, `AdminTeam`, `SettingsDep`, `StorageDep`; and
+`authenticate_request`, the key check (with the bad-key rate limit) that the dashboard uses too.
 
 The ones that do no blocking I/O are `async def`: each sync dependency costs a thread-pool hop.
 Authentication runs on the async engine, so it never holds a thread or a sync connection."""
@@ -16,6 +17,7 @@ from service.auth import authenticate
 from service.db import Database
 from service.errors import APIError
 from service.models import ApiKey, Team
+from service.ratelimit import FailureLimiter, client_address, retry_after_header
 from service.settings import Settings
 from service.storage import Storage
 
@@ -58,6 +60,30 @@ DatabaseDep = Annotated[Database, Depends(get_database_dep)]  # for `async with 
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
+def count_failed_key(request: Request) -> None:
+    """Count a bad key against the client's address; a 429 once it has sent too many lately."""
+    limiter: FailureLimiter = request.app.state.auth_failures
+    wait_s = limiter.record_failure(client_address(request.client.host if request.client else ""))
+    if wait_s is not None:
+        raise APIError(
+            429,
+            f"Too many requests with an invalid API key from this address; retry after "
+            f"{retry_after_header(wait_s)} s (valid keys are not limited)",
+            code="rate_limited",
+            headers={"Retry-After": retry_after_header(wait_s)},
+        )
+
+
+async def authenticate_request(request: Request, key: str) -> tuple[Team, ApiKey] | None:
+    """The team and key record of a key presented with a request, or None for a bad key, which is
+    counted against the client (429 past the limit). A valid key costs no more than `authenticate`:
+    the limiter is only consulted on failure."""
+    found = await authenticate(get_database(request), key, request.app.state.auth_cache)
+    if found is None:
+        count_failed_key(request)
+    return found
+
+
 async def get_auth(request: Request) -> tuple[Team, ApiKey]:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -72,6 +98,7 @@ async def get_auth(request: Request) -> tuple[Team, ApiKey]:
     if scheme.lower() == "bearer":
         found = await authenticate(get_database(request), key.strip(), request.app.state.auth_cache)
     if found is None:
+        count_failed_key(request)  # only failures are counted: a valid key's path is unchanged
         # Never echo the presented key back: it may be a real key of something else.
         raise APIError(401, "Incorrect API key provided", code="invalid_api_key", headers=_UNAUTHORIZED)
     return found

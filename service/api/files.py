@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
@@ -18,18 +18,17 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
-from service.errors import APIError, not_found
+from service.errors import AUTH_ERRORS, APIError, error_responses, not_found
 from service.models import File, Job, JobStatus, Team
-from service.schemas import ErrorBody, FileDeleted, FileList, FileObject
+from service.schemas import FileDeleted, FileList, FileObject
 from service.uploads import receive_and_store
 
 log = logging.getLogger("tunepool.api")
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(*AUTH_ERRORS))
 
 # Jobs that will still read their files: deleting one of those files is refused.
 ACTIVE_STATUSES = (JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 READ_CHUNK = 1024 * 1024
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 409, 410, 413, 415)}
 # The body is parsed by hand (see service/uploads.py), so its schema is declared for the docs here.
 _UPLOAD_BODY = {
     "requestBody": {
@@ -75,7 +74,7 @@ def own_file(session: Session, team: Team, file_id: str) -> File:
     response_model=FileObject,
     summary="Upload a JSONL training file (multipart: file, purpose=fine-tune); validated as it streams in",
     openapi_extra=_UPLOAD_BODY,
-    responses=_ERRORS,
+    responses=error_responses(400, 413, 415),  # a bad file or form; over the size or storage quota
 )
 async def upload_file(
     request: Request, session: SessionDep, team: CurrentTeam, settings: SettingsDep, storage: StorageDep
@@ -111,7 +110,12 @@ def list_files(
     )
 
 
-@router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file's metadata", responses=_ERRORS)
+@router.get(
+    "/{file_id}",
+    response_model=FileObject,
+    summary="Retrieve a file's metadata",
+    responses=error_responses(404),
+)
 def retrieve_file(file_id: str, session: SessionDep, team: CurrentTeam) -> FileObject:
     return to_schema(own_file(session, team, file_id))
 
@@ -132,7 +136,10 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
     "/{file_id}/content",
     summary="Download a file's bytes, streamed",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/jsonl": {}, "application/octet-stream": {}}}, **_ERRORS},
+    responses={
+        200: {"content": {"application/jsonl": {}, "application/octet-stream": {}}},
+        **error_responses(404, 410),
+    },
 )
 def file_content(
     file_id: str, session: SessionDep, team: CurrentTeam, storage: StorageDep
@@ -156,7 +163,9 @@ def file_content(
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file", responses=_ERRORS)
+@router.delete(
+    "/{file_id}", response_model=FileDeleted, summary="Delete a file", responses=error_responses(404, 409)
+)
 def delete_file(file_id: str, session: SessionDep, team: CurrentTeam, storage: StorageDep) -> FileDeleted:
     file = own_file(session, team, file_id)
     # Delete the row first, then look for jobs using the file: the DELETE holds the row lock

@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from service.api.deps import SessionDep, SettingsDep
 from service.dispatch import transport_options
-from service.errors import error_response
+from service.errors import error_response, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -30,9 +30,7 @@ def broker_reachable(broker_url: str, timeout_s: float) -> bool:
         return False
 
 
-@router.get(
-    "/readyz", summary="Database and broker are reachable", responses={503: {"description": "not ready"}}
-)
+@router.get("/readyz", summary="Database and broker are reachable", responses=error_responses(503))
 def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     down = []
     try:

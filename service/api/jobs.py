@@ -19,14 +19,13 @@ from sqlalchemy.orm import Session
 from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, SettingsDep, StorageDep, get_database
 from service.archive import DirectoryArchive
 from service.db import FastRead
-from service.errors import APIError, not_found
+from service.errors import AUTH_ERRORS, APIError, error_responses, not_found
 from service.job_create import create_job
 from service.jobs import IllegalTransition, job_view, queue_position, request_cancel, to_schema
 from service.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus, Team
 from service.schemas import (
     CheckpointList,
     CheckpointObject,
-    ErrorBody,
     JobCreate,
     JobEventList,
     JobList,
@@ -36,10 +35,25 @@ from service.schemas import (
 from service.schemas import Job as JobSchema
 from service.schemas import JobEvent as JobEventSchema
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(
+    prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(*AUTH_ERRORS)
+)
 # Files of a checkpoint directory that only the trainer's resume reads (worker/training/checkpoint.py).
 RESUME_ONLY_FILES = frozenset({"trainer_state.pt"})
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1-100")]
+# One server-sent event of `?stream=true` (event_stream): a JobEvent as JSON, then `event: end`.
+_STREAM_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "id": {"type": "string", "description": "the job event's id"},
+        "event": {"enum": ["message", "end"], "description": "`end`: the job has ended, no more follow"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "if": {"required": ["event"], "properties": {"event": {"const": "end"}}},
+    "then": {"properties": {"data": {"contentSchema": {"type": "object", "required": ["id"]}}}},
+    "else": {"properties": {"data": {"contentSchema": {"$ref": "#/components/schemas/JobEvent"}}}},
+}
 
 
 def json_response(model: BaseModel) -> Response:
@@ -79,7 +93,12 @@ async def _cursor_pk(
     return int(pk)
 
 
-@router.post("", response_model=JobSchema, summary="Create a fine-tuning job (SFT or DFT)")
+@router.post(
+    "",
+    response_model=JobSchema,
+    summary="Create a fine-tuning job (SFT or DFT)",
+    responses=error_responses(409, 429),  # Idempotency-Key reused for another body; the team's job quota
+)
 def create(
     body: JobCreate,
     session: SessionDep,
@@ -119,7 +138,12 @@ async def list_jobs(
 _RETRIEVE = FastRead(job_view().where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id")))
 
 
-@router.get("/{fine_tuning_job_id}", response_model=JobSchema, summary="Retrieve a job")
+@router.get(
+    "/{fine_tuning_job_id}",
+    response_model=JobSchema,
+    summary="Retrieve a job",
+    responses=error_responses(404),
+)
 async def retrieve(fine_tuning_job_id: str, db: DatabaseDep, team: CurrentTeam) -> Response:
     async with db.read() as conn:
         job = await _RETRIEVE.first(conn, {"job_id": fine_tuning_job_id, "team_id": team.id})
@@ -128,7 +152,12 @@ async def retrieve(fine_tuning_job_id: str, db: DatabaseDep, team: CurrentTeam) 
     return json_response(to_schema(job))
 
 
-@router.post("/{fine_tuning_job_id}/cancel", response_model=JobSchema, summary="Cancel a job")
+@router.post(
+    "/{fine_tuning_job_id}/cancel",
+    response_model=JobSchema,
+    summary="Cancel a job",
+    responses=error_responses(404, 409),
+)
 def cancel(fine_tuning_job_id: str, session: SessionDep, team: CurrentTeam) -> JobSchema:
     job = own_job(session, team, fine_tuning_job_id)
     try:
@@ -153,6 +182,10 @@ def _event_schema(e: JobEvent | Row[Any]) -> JobEventSchema:
     "/{fine_tuning_job_id}/events",
     response_model=JobEventList,
     summary="List a job's events, newest first; ?stream=true follows them live (server-sent events)",
+    responses={
+        200: {"content": {"text/event-stream": {"schema": _STREAM_EVENT}}},  # with ?stream=true
+        **error_responses(404),
+    },
 )
 async def list_events(
     fine_tuning_job_id: str,
@@ -214,7 +247,12 @@ def _checkpoint_schema(c: Checkpoint | Row[Any]) -> CheckpointObject:
     )
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList, summary="List checkpoints")
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints",
+    response_model=CheckpointList,
+    summary="List checkpoints",
+    responses=error_responses(404),
+)
 async def list_checkpoints(
     fine_tuning_job_id: str,
     db: DatabaseDep,
@@ -246,8 +284,11 @@ async def list_checkpoints(
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/x-tar": {}}},
-        206: {"description": "the bytes a `Range: bytes=N-` header asked for (resuming a download)"},
-        416: {"model": ErrorBody, "description": "the range starts past the end of the archive"},
+        206: {
+            "description": "the bytes a `Range: bytes=N-` header asked for (resuming a download)",
+            "content": {"application/x-tar": {}},
+        },
+        **error_responses(404, 410, 416),
     },
 )
 def checkpoint_content(
@@ -325,12 +366,18 @@ def _limited(chunks: Iterator[bytes], n: int) -> Iterator[bytes]:
         n -= len(chunk)
 
 
-@router.get("/{fine_tuning_job_id}/metrics", response_model=MetricsList, summary="A job's per-step metrics")
+@router.get(
+    "/{fine_tuning_job_id}/metrics",
+    response_model=MetricsList,
+    summary="A job's per-step metrics",
+    responses=error_responses(404),
+)
 async def metrics(
     fine_tuning_job_id: str,
     db: DatabaseDep,
     team: CurrentTeam,
-    after_step: Annotated[int, Query(ge=0)] = 0,
+    # At most the step column's range (32-bit): a larger int made SQLite raise OverflowError (a 500).
+    after_step: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     async with db.read() as conn:

@@ -6,11 +6,11 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from service.api.deps import CurrentTeam, SessionDep
-from service.errors import not_found
+from service.errors import AUTH_ERRORS, error_responses, not_found
 from service.models import Job, RegisteredModel
 from service.schemas import ModelList, ModelObject
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*AUTH_ERRORS))
 
 
 def _models(session: SessionDep, team: CurrentTeam) -> list[ModelObject]:
@@ -34,7 +34,9 @@ def list_models(session: SessionDep, team: CurrentTeam) -> ModelList:
     return ModelList(data=_models(session, team))
 
 
-@router.get("/{model_id:path}", response_model=ModelObject, summary="Retrieve a model")
+@router.get(
+    "/{model_id:path}", response_model=ModelObject, summary="Retrieve a model", responses=error_responses(404)
+)
 def get_model(model_id: str, session: SessionDep, team: CurrentTeam) -> ModelObject:
     for model in _models(session, team):
         if model.id == model_id:

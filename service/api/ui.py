@@ -28,8 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.api import jobs as jobs_api
-from service.api.deps import DatabaseDep, SessionDep, StorageDep, get_database
-from service.auth import authenticate
+from service.api.deps import DatabaseDep, SessionDep, StorageDep, authenticate_request
 from service.errors import APIError
 from service.jobs import IllegalTransition, job_view, queue_position, request_cancel, to_schema
 from service.models import Checkpoint, Job, JobMetric, JobStatus, Team
@@ -63,7 +62,7 @@ class SignInRequired(Exception):
 
 async def ui_team(request: Request) -> Team:
     key = request.cookies.get(COOKIE, "")
-    found = await authenticate(get_database(request), key, request.app.state.auth_cache) if key else None
+    found = await authenticate_request(request, key) if key else None
     if found is None:
         raise SignInRequired(str(request.url.path))
     request.state.csrf = csrf_token(key)
@@ -95,7 +94,7 @@ async def login(
     request: Request, api_key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/ui"
 ) -> Response:
     key = api_key.strip()
-    found = await authenticate(get_database(request), key, request.app.state.auth_cache) if key else None
+    found = await authenticate_request(request, key) if key else None
     if found is None:
         error = "That API key is not valid (or has been revoked)." if key else "Enter an API key."
         return _page(request, "login.html", {"next": _safe_next(next), "error": error}, 401)

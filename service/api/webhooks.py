@@ -8,32 +8,45 @@ from __future__ import annotations
 
 import math
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
+import httpx
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTeam, SessionDep
-from service.errors import not_found
+from service.errors import AUTH_ERRORS, error_responses, not_found
 from service.models import Team, WebhookDelivery, WebhookEndpoint
-from service.schemas import ErrorBody
 from service.webhooks import EVENT_TYPES, new_secret
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses={400: {"model": ErrorBody}})
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=error_responses(*AUTH_ERRORS))
 
 EventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 assert set(EventType.__args__) == set(EVENT_TYPES.values())  # type: ignore[attr-defined]
 
 
 class WebhookCreate(BaseModel):
-    url: str = Field(max_length=2048, description="http(s) URL that receives a POST per event")
+    url: str = Field(
+        max_length=2048,
+        description="http(s) URL that receives a POST per event",
+        # What _http_url checks, declared for the document (its message stays the one below).
+        json_schema_extra={"pattern": "^https?://", "minLength": 10},
+    )
     events: list[EventType] | None = Field(None, description="event types to send; omitted or empty: all")
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")) or len(url) < 10:
+        # Deliveries are sent to the URL as it is: one httpx cannot parse (a NUL, a bad host name)
+        # could never be delivered, nor one malformed for the standard library (`https://[x`).
+        try:
+            host = httpx.URL(url).host
+            urlsplit(url)
+        except (httpx.InvalidURL, ValueError):
+            host = ""
+        if not url.startswith(("http://", "https://")) or len(url) < 10 or not host:
             raise ValueError("must be an http:// or https:// URL")
         return url
 
@@ -119,7 +132,12 @@ def list_webhooks(session: SessionDep, team: CurrentTeam) -> WebhookEndpointList
     return WebhookEndpointList(data=[endpoint_object(e) for e in endpoints])
 
 
-@router.delete("/{webhook_id}", response_model=WebhookEndpointDeleted, summary="Delete an endpoint")
+@router.delete(
+    "/{webhook_id}",
+    response_model=WebhookEndpointDeleted,
+    summary="Delete an endpoint",
+    responses=error_responses(404),
+)
 def delete_webhook(webhook_id: str, session: SessionDep, team: CurrentTeam) -> WebhookEndpointDeleted:
     endpoint = own_endpoint(session, team, webhook_id)
     # Its pending deliveries go with it (explicitly: not every SQLite connection enforces CASCADE).
@@ -133,6 +151,7 @@ def delete_webhook(webhook_id: str, session: SessionDep, team: CurrentTeam) -> W
     "/{webhook_id}/deliveries",
     response_model=WebhookDeliveryList,
     summary="Delivery attempts of an endpoint, newest first",
+    responses=error_responses(404),  # no such endpoint, or `after` is not one of its deliveries
 )
 def list_deliveries(
     webhook_id: str,

@@ -81,6 +81,9 @@ def test_failed_jobs_report_their_error_and_the_worker_takes_the_next_job(
     # Queued together: the worker takes them one after the other, oldest first.
     bad_model = system.submit(client, file_id, model="broken", hyperparameters={"max_steps": 1})
     too_long = system.submit(client, file_id, hyperparameters={"max_seq_length": 8, "overlength": "drop"})
+    # The default, overlength=truncate, keeps an example's first 8 tokens: here part of each prompt, no
+    # trained token, so every example is dropped all the same and the job must fail alike.
+    too_long_truncated = system.submit(client, file_id, hyperparameters={"max_seq_length": 8})
     # One step of 128 sequences of ~8200 tokens: gigabytes of activations, over the limit.
     too_big = system.submit(
         client, large_file, hyperparameters={"batch_size": 128, "max_seq_length": 8320, "max_steps": 1}
@@ -105,6 +108,12 @@ def test_failed_jobs_report_their_error_and_the_worker_takes_the_next_job(
     assert "all 16 examples are longer than max_seq_length=8" in error["message"], error
     assert error["message"].startswith("training_file: "), error
 
+    error = failed(too_long_truncated)
+    assert error["code"] == "invalid_training_file" and error["param"] == "training_file", error
+    assert "all 16 examples are longer than max_seq_length=8 or have no trained" in error["message"], error
+    warnings = [e for e in system.events(client, too_long_truncated["id"]) if "16 dropped" in e]
+    assert warnings and "overlength=truncate" in warnings[0], system.events(client, too_long_truncated["id"])
+
     error = failed(too_big)
     assert error["code"] == "out_of_memory" and error["param"] is None, error
     assert error["message"].startswith("Out of memory: "), error
@@ -119,7 +128,7 @@ def test_failed_jobs_report_their_error_and_the_worker_takes_the_next_job(
     assert worker.poll() is None, system.worker_logs()
     started = {
         job["id"]: [e for e in system.events(client, job["id"]) if "started on worker" in e]
-        for job in (bad_model, too_long, too_big, valid)
+        for job in (bad_model, too_long, too_long_truncated, too_big, valid)
     }
     workers = {e.split("started on worker ")[1].split()[0] for lines in started.values() for e in lines}
     assert all(len(lines) == 1 for lines in started.values()) and len(workers) == 1, started

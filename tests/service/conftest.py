@@ -138,6 +138,9 @@ def running_stack(
         "TUNEPOOL_MAX_UPLOAD_BYTES": str(300 * 1024 * 1024),
         # Revocations must show at once in these tests; test_api_basics covers the cache itself.
         "TUNEPOOL_AUTH_CACHE_SECONDS": "0",
+        # Every test sends its bad keys from 127.0.0.1: counted, never limited (test_ratelimit.py
+        # runs a stack with a low limit).
+        "TUNEPOOL_AUTH_FAILURE_LIMIT": "1000000",
         **(extra_env or {}),
     }
     subprocess.run(

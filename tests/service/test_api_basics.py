@@ -43,7 +43,7 @@ def test_request_errors_have_the_openai_shape(stack: Stack) -> None:
         ),
         (
             client.post("/v1/fine_tuning/jobs", content=b"model=x", headers={"content-type": "text/plain"}),
-            400,
+            415,
         ),
         (client.post("/v1/fine_tuning/jobs", json=[1, 2]), 400),
         (client.post("/v1/fine_tuning/jobs", json={}), 400),

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from service.models import File, Job, Team
+from service.uploads import BATCH_BYTES
 from tests.service.conftest import Stack, TeamClient, chat_jsonl, free_port, start_api, upload
 
 BOUNDARY = "tunepool-test-boundary-7f3a"
@@ -193,9 +194,7 @@ def test_bad_file_lists_each_bad_line_and_keeps_nothing(stack: Stack) -> None:
     assert message.count("\nline ") == stack.settings.max_reported_errors and message.endswith(
         "... and 7 more"
     )
-    error(upload(client, b""), 400, "file", "invalid_file")
-    error(upload(client, b"\n\n"), 400, "file", "invalid_file")
-    assert_nothing_kept(stack, client, before)
+    assert_nothing_kept(stack, client, before)  # an empty file and the rest: test_bad_data.py
 
 
 _FILE = part("file", chat_jsonl(), "t.jsonl")
@@ -301,31 +300,59 @@ def test_storage_quota(stack: Stack) -> None:
 
 
 def test_concurrent_uploads_never_exceed_the_quota(stack: Stack) -> None:
+    """Eight uploads of which three fit, each held open until the server is writing all of them: each
+    has passed the early quota check (which saw an empty quota) before any is stored, so the check at
+    commit time, under the team's lock, is what keeps the sum within the quota (a real race)."""
     client = stack.team()
     before = stack.storage_files()
-    quota, size, n = 3 * 1024 * 1024, 1_000_000, 6
+    size, n = BATCH_BYTES + 64 * 1024, 8
+    quota = 3 * size + size // 2
     set_quota(stack, client.team_id, quota)
-    data = sized_chat(size)
+    body = form(part("purpose", b"fine-tune"), part("file", sized_chat(size), "t.jsonl"))
+    # The server hands the body to the parser in BATCH_BYTES batches: after the first one it has
+    # opened its temporary file, the sign that it is past the early check and streaming. All but the
+    # closing boundary goes first, so that the uploads then end, and reach the commit, together.
+    cut = len(body) - 64
+    tmp = stack.settings.artifacts / "tmp"
+    temps_before = set(tmp.iterdir())
+    host = urlsplit(stack.url)
+    conns = []
+    for _ in range(n):
+        conn = http.client.HTTPConnection(host.hostname or "", host.port, timeout=60)
+        conn.putrequest("POST", "/v1/files")
+        conn.putheader("Authorization", f"Bearer {client.key}")
+        conn.putheader("Content-Type", FORM_TYPE["Content-Type"])
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        conn.send(body[:cut])
+        conns.append(conn)
+    deadline = time.monotonic() + 30
+    while len(set(tmp.iterdir()) - temps_before) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(set(tmp.iterdir()) - temps_before) == n, "not every upload got as far as streaming"
     barrier = threading.Barrier(n)
-    results: list[httpx.Response] = []
+    results: list[tuple[int, dict[str, Any]]] = []
 
-    def one() -> None:
-        http = stack.client(client.key)
+    def finish(conn: http.client.HTTPConnection) -> None:
         barrier.wait()
-        results.append(upload(http, data))
+        conn.send(body[cut:])
+        response = conn.getresponse()
+        results.append((response.status, json.loads(response.read())))
+        conn.close()
 
-    threads = [threading.Thread(target=one) for _ in range(n)]
+    threads = [threading.Thread(target=finish, args=(conn,)) for conn in conns]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    ok = [r for r in results if r.status_code == 200]
-    assert len(ok) == 3 and len(results) == n
-    for r in results:
-        if r.status_code != 200:
-            error(r, 413, "file", "storage_quota_exceeded")
+    ok = [answer for status, answer in results if status == 200]
+    assert len(ok) == 3 and len(results) == n, results
+    for status, answer in results:
+        if status != 200:  # refused at commit time (the message names the size), not by the early check
+            assert status == 413 and answer["error"]["code"] == "storage_quota_exceeded", answer
+            assert answer["error"]["message"].startswith(f"This {size:,}-byte file"), answer
     listed = client.get("/v1/files").json()["data"]
-    assert sorted(f["id"] for f in listed) == sorted(r.json()["id"] for r in ok)
+    assert sorted(f["id"] for f in listed) == sorted(a["id"] for a in ok)
     assert sum(f["bytes"] for f in listed) <= quota
     assert len(stack.storage_files()) == len(before) + 3  # rejected uploads left no bytes
     for f in listed:

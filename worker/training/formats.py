@@ -36,7 +36,12 @@ _BAD_STARTS = (
     (b"\xfe\xff", _UTF16),
     (b"\x1f\x8b", "looks like a gzip file; upload uncompressed JSONL"),
     (b"PK\x03\x04", "looks like a zip file; upload uncompressed JSONL"),
+    (b"\x28\xb5\x2f\xfd", "looks like a zstd file; upload uncompressed JSONL"),
+    (b"\xfd7zX", "looks like an xz file; upload uncompressed JSONL"),
+    (b"PAR1", "looks like a Parquet file; convert it to JSONL (one JSON object per line)"),
 )
+_UTF16_NO_BOM = "the file looks like UTF-16 (every other byte is NUL); save it as UTF-8"
+_BINARY = "looks like a binary file (NUL bytes in its first bytes), not JSONL text; upload UTF-8 JSONL"
 _HEAD_BYTES = 4  # enough bytes to recognise every entry of _BAD_STARTS and the UTF-8 BOM
 _READ_CHUNK = 1024 * 1024
 
@@ -263,6 +268,23 @@ def _too_long(size: int, max_line_bytes: int) -> str:
     return f"line is too long ({size:,} bytes; the limit is {max_line_bytes:,})"
 
 
+def _bad_start(head: bytes) -> str | None:
+    """Why a file's first bytes show it is no UTF-8 JSONL at all (one whole-file error), or None."""
+    for magic, reason in _BAD_STARTS:
+        if head.startswith(magic):
+            return reason
+    # UTF-16 without a byte-order mark still shows: JSONL starts with ASCII ('{', '[', whitespace),
+    # which UTF-16 spells as the character and a NUL byte (RFC 4627, section 3). Otherwise every line
+    # would be reported as "contains NUL bytes", and nothing would say which encoding was expected.
+    if len(head) == 4 and head[0] and head[2] and head[1] == head[3] == 0:  # UTF-16-LE
+        return _UTF16_NO_BOM
+    if len(head) == 4 and head[1] and head[3] and head[0] == head[2] == 0:  # UTF-16-BE
+        return _UTF16_NO_BOM
+    if b"\x00" in head:  # no JSONL text holds a raw NUL byte (JSON escapes it as \u0000)
+        return _BINARY
+    return None
+
+
 def _check_line(raw: bytes, line: int, max_line_bytes: int) -> Example | str | None:
     """One line without its line ending -> its example, the reason it is bad, or None when blank."""
     if len(raw) > max_line_bytes:
@@ -354,11 +376,11 @@ class StreamingValidator:
     def _check_head(self) -> bytes:
         self._started = True
         head, self._head = self._head, b""
-        for magic, reason in _BAD_STARTS:
-            if head.startswith(magic):
-                self._rejected = True
-                self._error(0, reason)
-                return b""
+        reason = _bad_start(head[:_HEAD_BYTES])  # only these bytes: the verdict must not depend on chunking
+        if reason is not None:
+            self._rejected = True
+            self._error(0, reason)
+            return b""
         return head.removeprefix(_UTF8_BOM)  # Windows editors add it; it is not part of line 1's JSON
 
     def _split_lines(self, chunk: bytes) -> None:

@@ -6,7 +6,9 @@ A model is named by one string:
 - a `.gguf` file: transformers dequantises it to float32;
 - a hub id ("org/name"), served from the local cache only: nothing is ever downloaded.
 
-`trust_remote_code` is never enabled: only architectures that transformers ships can load.
+`trust_remote_code` is never enabled (every transformers call below passes False): only architectures
+that transformers ships can load, and a model's own Python files (`auto_map`) are never imported;
+a model that cannot load without them is refused.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def load_model(spec: str) -> tuple[PreTrainedModel, Any]:
             f"already in the local Hugging Face cache): {err}"
         ) from None
     except (ValueError, KeyError, ImportError) as err:
+        if "trust_remote_code" in str(err):  # transformers' advice to enable it is not ours to give
+            raise ModelLoadError(
+                f"model: {spec!r} needs its own Python code to load (auto_map in its config or "
+                "tokenizer_config.json); tunepool never runs a model's code: use an architecture that "
+                "transformers ships"
+            ) from None
         raise ModelLoadError(f"model: {spec!r} is not a supported causal language model: {err}") from None
     _check_supported(model, spec)
     if tokenizer.pad_token_id is None:
