@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import metrics
-from service.api import admin, files, health, jobs, models, ui, webhooks
+from service.api import admin, checkpoints, files, health, jobs, models, ui, webhooks
 from service.auth import AuthCache
 from service.db import Database
 from service.errors import install_error_handlers
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_failures = FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_s)
     install_error_handlers(app)
     # Routes match in this order: the job poll, the most frequent request by far, comes first.
-    for module in (jobs, files, models, health, admin, webhooks):
+    for module in (jobs, checkpoints, files, models, health, admin, webhooks):
         app.include_router(module.router)
     ui.install(app)  # the web dashboard at /ui
     metrics.install(app, app.state.db, settings)  # GET /metrics and the request-latency middleware

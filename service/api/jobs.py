@@ -1,12 +1,11 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events (and their live stream),
-checkpoints (and their content as a tar stream), metrics."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events (and their live stream), metrics.
+Checkpoints and their content: service/api/checkpoints.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -17,29 +16,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, SettingsDep, StorageDep, get_database
-from service.archive import DirectoryArchive
 from service.db import FastRead
 from service.errors import AUTH_ERRORS, APIError, error_responses, not_found
 from service.job_create import create_job
 from service.jobs import IllegalTransition, job_view, queue_position, request_cancel, to_schema
-from service.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus, Team
+from service.models import Job, JobEvent, JobMetric, JobStatus, Team
+from service.schemas import Job as JobSchema
 from service.schemas import (
-    CheckpointList,
-    CheckpointObject,
     JobCreate,
     JobEventList,
     JobList,
     MetricRow,
     MetricsList,
 )
-from service.schemas import Job as JobSchema
 from service.schemas import JobEvent as JobEventSchema
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(*AUTH_ERRORS)
 )
-# Files of a checkpoint directory that only the trainer's resume reads (worker/training/checkpoint.py).
-RESUME_ONLY_FILES = frozenset({"trainer_state.pt"})
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1-100")]
 # One server-sent event of `?stream=true` (event_stream): a JobEvent as JSON, then `event: end`.
 _STREAM_EVENT = {
@@ -80,7 +74,7 @@ async def own_job_id(conn: AsyncConnection, team: Team, job_id: str) -> str:
     return job_id
 
 
-async def _cursor_pk(
+async def cursor_pk(
     conn: AsyncConnection, model: Any, cursor_id: str | None, param: str, **scope: Any
 ) -> int | None:
     """The pk of a list cursor (an object id within the same scope); a 400 naming `param` if unknown."""
@@ -127,7 +121,7 @@ async def list_jobs(
         if key.startswith("metadata[") and key.endswith("]"):
             query = query.where(Job.user_metadata[key[9:-1]].as_string() == value)
     async with db.read() as conn:
-        start = await _cursor_pk(conn, Job, after, "after", team_id=team.id)
+        start = await cursor_pk(conn, Job, after, "after", team_id=team.id)
         if start is not None:
             query = query.where(Job.pk < start)
         jobs = list(await conn.execute(query.order_by(Job.pk.desc()).limit(limit + 1)))
@@ -205,7 +199,7 @@ async def list_events(
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         query = select(JobEvent).where(JobEvent.job_id == job_id)
-        start = await _cursor_pk(conn, JobEvent, after, "after", job_id=job_id)
+        start = await cursor_pk(conn, JobEvent, after, "after", job_id=job_id)
         if start is not None:
             query = query.where(JobEvent.pk < start)
         events = list(await conn.execute(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
@@ -234,136 +228,6 @@ async def event_stream(request: Request, job_id: str, poll_s: float = 0.5) -> As
             if await request.is_disconnected():
                 return
             await asyncio.sleep(poll_s)
-
-
-def _checkpoint_schema(c: Checkpoint | Row[Any]) -> CheckpointObject:
-    return CheckpointObject(
-        id=c.id,
-        created_at=c.created_at,
-        fine_tuned_model_checkpoint=c.fine_tuned_model_checkpoint,
-        fine_tuning_job_id=c.job_id,
-        metrics=c.metrics,
-        step_number=c.step,
-    )
-
-
-@router.get(
-    "/{fine_tuning_job_id}/checkpoints",
-    response_model=CheckpointList,
-    summary="List checkpoints",
-    responses=error_responses(404),
-)
-async def list_checkpoints(
-    fine_tuning_job_id: str,
-    db: DatabaseDep,
-    team: CurrentTeam,
-    after: str | None = None,
-    limit: Limit = 10,
-) -> Response:
-    async with db.read() as conn:
-        job_id = await own_job_id(conn, team, fine_tuning_job_id)
-        query = select(Checkpoint).where(Checkpoint.job_id == job_id)
-        start = await _cursor_pk(conn, Checkpoint, after, "after", job_id=job_id)
-        if start is not None:
-            query = query.where(Checkpoint.pk < start)
-        found = list(await conn.execute(query.order_by(Checkpoint.pk.desc()).limit(limit + 1)))
-    data = [_checkpoint_schema(c) for c in found[:limit]]
-    return json_response(
-        CheckpointList(
-            data=data,
-            has_more=len(found) > limit,
-            first_id=data[0].id if data else None,
-            last_id=data[-1].id if data else None,
-        )
-    )
-
-
-@router.get(
-    "/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/content",
-    summary="Download a checkpoint: its Hugging Face directory as a tar stream (Range: bytes=N- resumes)",
-    response_class=StreamingResponse,
-    responses={
-        200: {"content": {"application/x-tar": {}}},
-        206: {
-            "description": "the bytes a `Range: bytes=N-` header asked for (resuming a download)",
-            "content": {"application/x-tar": {}},
-        },
-        **error_responses(404, 410, 416),
-    },
-)
-def checkpoint_content(
-    fine_tuning_job_id: str,
-    checkpoint_id: str,
-    session: SessionDep,
-    team: CurrentTeam,
-    storage: StorageDep,
-    range_header: Annotated[str | None, Header(alias="Range")] = None,
-) -> StreamingResponse:
-    job = own_job(session, team, fine_tuning_job_id)
-    checkpoint = session.scalar(
-        select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
-    )
-    if checkpoint is None:
-        raise not_found("checkpoint", checkpoint_id, "checkpoint_id")
-    directory = storage.path(checkpoint.storage_path)
-    if not directory.is_dir():
-        raise APIError(410, f"Checkpoint {checkpoint_id} is no longer stored", code="checkpoint_gone")
-    # The model, without the optimizer state kept for resuming (twice the model's size).
-    archive = DirectoryArchive(directory, f"{job.id}-step-{checkpoint.step}", RESUME_ONLY_FILES)
-    name = f"{job.id}-step-{checkpoint.step}.tar"
-    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{name}"'}
-    span = byte_range(range_header, archive.length)
-    if span is None:
-        headers["Content-Length"] = str(archive.length)
-        return StreamingResponse(archive.stream(), media_type="application/x-tar", headers=headers)
-    start, end = span
-    headers["Content-Length"] = str(end - start + 1)
-    headers["Content-Range"] = f"bytes {start}-{end}/{archive.length}"
-    return StreamingResponse(
-        _limited(archive.stream(start), end - start + 1),
-        status_code=206,
-        media_type="application/x-tar",
-        headers=headers,
-    )
-
-
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-def byte_range(header: str | None, length: int) -> tuple[int, int] | None:
-    """The first and last byte (inclusive) a `Range: bytes=N-`, `bytes=N-M` or `bytes=-K` header asks
-    for; None for no header or one this does not parse (served whole, as RFC 9110 allows); a 416 when
-    the range starts at or past the end."""
-    match = _RANGE.fullmatch(header.strip()) if header else None
-    if match is None or match.groups() == ("", ""):
-        return None
-    first, last = match.groups()
-    if first:
-        start, end = int(first), min(int(last), length - 1) if last else length - 1
-        if last and int(last) < start:
-            return None  # syntactically invalid: ignored
-    else:  # the last K bytes
-        start, end = max(length - int(last), 0), length - 1
-        if int(last) == 0:
-            start = length
-    if start >= length:
-        raise APIError(
-            416,
-            f"Range {header!r} starts at or past the end of the {length}-byte archive",
-            param="Range",
-            code="range_not_satisfiable",
-            headers={"Content-Range": f"bytes */{length}"},
-        )
-    return start, end
-
-
-def _limited(chunks: Iterator[bytes], n: int) -> Iterator[bytes]:
-    """The first `n` bytes of `chunks`."""
-    for chunk in chunks:
-        if n <= 0:
-            return
-        yield chunk[:n]
-        n -= len(chunk)
 
 
 @router.get(

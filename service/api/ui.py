@@ -27,6 +27,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.api import checkpoints as checkpoints_api
 from service.api import jobs as jobs_api
 from service.api.deps import DatabaseDep, SessionDep, StorageDep, authenticate_request
 from service.errors import APIError
@@ -242,7 +243,7 @@ def checkpoint_download(
     storage: StorageDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> StreamingResponse:
-    return jobs_api.checkpoint_content(job_id, checkpoint_id, session, team, storage, range_header)
+    return checkpoints_api.checkpoint_content(job_id, checkpoint_id, session, team, storage, range_header)
 
 
 @router.post("/jobs/{job_id}/cancel")
