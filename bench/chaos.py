@@ -68,6 +68,7 @@ from bench.chaos_stack import ChaosStack, ChildMonitor, build_model, chat_jsonl
 from bench.dispatch_latency import stop_proc
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+EXAMPLES = 512  # per training file: 64 steps an epoch at batch 8, so --steps needs few epochs
 LEASE_LOST = re.compile(r"stopped renewing the lease of attempt (\d+): restarted from")
 RESTARTED = re.compile(r"^Restarted from ")
 STARTED = re.compile(r"^Job started on worker .* \(attempt (\d+)\)$")
@@ -88,7 +89,8 @@ def submit_all(stack: ChaosStack, args: argparse.Namespace) -> list[str]:
     ids = []
     for i in range(args.jobs):
         client = stack.clients[i % len(stack.clients)]
-        hp = {"n_epochs": 50, "max_steps": args.steps, "batch_size": 8, "learning_rate": 1e-3,
+        epochs = -(-args.steps * 8 // EXAMPLES)
+        hp = {"n_epochs": epochs, "max_steps": args.steps, "batch_size": 8, "learning_rate": 1e-3,
               "max_seq_length": 128, "checkpoint_every": args.checkpoint_every}  # fmt: skip
         method = {"type": "dft", "dft": {"hyperparameters": hp}}
         body = {"model": "tiny", "training_file": stack.files[client], "seed": i, "method": method,
@@ -159,12 +161,14 @@ def check_database(stack: ChaosStack, ids: list[str], steps: int) -> dict[str, A
     resumed_from: list[int] = []  # the checkpoint step each restart resumed from (0: the start)
     with stack.engine.connect() as conn:
         for job_id in ids:
-            attempt = conn.execute(text("SELECT attempt FROM jobs WHERE id = :j"), {"j": job_id}).scalar_one()
+            attempt, total = conn.execute(
+                text("SELECT attempt, total_steps FROM jobs WHERE id = :j"), {"j": job_id}
+            ).one()
             rows = conn.execute(
                 text("SELECT step FROM job_metrics WHERE job_id = :j ORDER BY step"), {"j": job_id}
             ).scalars()
-            if list(rows) != list(range(1, steps + 1)):
-                problems.append(f"{job_id}: metrics rows are not exactly steps 1..{steps}")
+            if total != steps or list(rows) != list(range(1, steps + 1)):
+                problems.append(f"{job_id}: {total} steps, metrics rows are not exactly steps 1..{steps}")
             events = conn.execute(
                 text("SELECT message, data FROM job_events WHERE job_id = :j ORDER BY pk"), {"j": job_id}
             ).all()
@@ -198,7 +202,7 @@ def run_scenario(
     rng = random.Random(args.seed)
     chaos = name == "chaos"
     with throwaway_database() as db_name, ChaosStack(tmp / name, PG_URL.format(name=db_name), args) as stack:
-        stack.setup(model_dir, chat_jsonl(64, args.seed), args.teams)
+        stack.setup(model_dir, chat_jsonl(EXAMPLES, args.seed), args.teams)
         for index in range(args.workers):
             stack.start_worker(index)
         stack.wait_workers_ready()
@@ -257,8 +261,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=20)
     p.add_argument("--teams", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per job")
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per job")
+    p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--kill-min", type=float, default=10.0)
     p.add_argument("--kill-max", type=float, default=20.0)
     p.add_argument("--max-attempts", type=int, default=10)
