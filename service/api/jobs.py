@@ -19,7 +19,15 @@ from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, SettingsDep, 
 from service.db import FastRead
 from service.errors import AUTH_ERRORS, APIError, error_responses, not_found
 from service.job_create import create_job
-from service.jobs import IllegalTransition, job_view, queue_position, request_cancel, to_schema
+from service.jobs import (
+    IllegalTransition,
+    job_list_view,
+    job_view,
+    queue_position,
+    queue_positions_queries,
+    request_cancel,
+    to_schema,
+)
 from service.models import Job, JobEvent, JobMetric, JobStatus, Team
 from service.schemas import Job as JobSchema
 from service.schemas import (
@@ -114,7 +122,7 @@ async def list_jobs(
     limit: Limit = 20,
     status: JobStatus | None = None,
 ) -> Response:
-    query = job_view().where(Job.team_id == team.id)
+    query = job_list_view().where(Job.team_id == team.id)
     if status is not None:
         query = query.where(Job.status == status.value)
     for key, value in request.query_params.items():  # metadata[k]=v filters
@@ -125,7 +133,11 @@ async def list_jobs(
         if start is not None:
             query = query.where(Job.pk < start)
         jobs = list(await conn.execute(query.order_by(Job.pk.desc()).limit(limit + 1)))
-    return json_response(JobList(data=[to_schema(j) for j in jobs[:limit]], has_more=len(jobs) > limit))
+        positions: dict[str, int] = {}
+        for positions_query in queue_positions_queries(jobs[:limit]):
+            positions.update((await conn.execute(positions_query)).tuples().all())
+    data = [to_schema(j, position=positions.get(j.id)) for j in jobs[:limit]]
+    return json_response(JobList(data=data, has_more=len(jobs) > limit))
 
 
 # Built and compiled once: per request, building a statement costs more than running it.

@@ -31,7 +31,14 @@ from service.api import checkpoints as checkpoints_api
 from service.api import jobs as jobs_api
 from service.api.deps import DatabaseDep, SessionDep, StorageDep, authenticate_request
 from service.errors import APIError
-from service.jobs import IllegalTransition, job_view, queue_position, request_cancel, to_schema
+from service.jobs import (
+    IllegalTransition,
+    job_list_view,
+    queue_position,
+    queue_positions_queries,
+    request_cancel,
+    to_schema,
+)
 from service.models import Checkpoint, Job, JobMetric, JobStatus, Team
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
@@ -115,7 +122,7 @@ def logout() -> RedirectResponse:
 def _filtered_jobs(
     session: Session, team: Team, status: str | None, method: str | None, model: str | None, q: str | None
 ) -> list[Any]:
-    query = job_view().where(Job.team_id == team.id)
+    query = job_list_view().where(Job.team_id == team.id)
     if status in STATUS_FILTERS:
         query = query.where(Job.status == status)
     if method in METHOD_LABELS:
@@ -140,10 +147,11 @@ def jobs_page(
     partial: bool = False,
 ) -> HTMLResponse:
     rows = _filtered_jobs(session, team, status, method, model, q)
+    positions = {i: p for query in queue_positions_queries(rows) for i, p in session.execute(query).tuples()}
     models = session.scalars(select(Job.model).where(Job.team_id == team.id).distinct().order_by(Job.model))
     context = {
         "team": team,
-        "jobs": [to_schema(r) for r in rows],
+        "jobs": [to_schema(r, position=positions.get(r.id)) for r in rows],
         "filters": {"status": status or "", "method": method or "", "model": model or "", "q": q or ""},
         "statuses": STATUS_FILTERS,
         "methods": METHOD_LABELS,

@@ -171,6 +171,12 @@ def test_queue_position_follows_priority_then_age(stack: Stack) -> None:
         for j in (first, second, urgent)
     }
     assert positions == {urgent["id"]: 1, first["id"]: 2, second["id"]: 3}
+    # A list ranks its queued jobs per pool in one query: the same positions, pool by pool.
+    elsewhere = new_job(stack, client, file_id, pool=f"{pool}-b")
+    started = new_job(stack, client, file_id, pool=pool)
+    set_job(stack, started["id"], status="running")
+    listed = {j["id"]: j["queue_position"] for j in client.get("/v1/fine_tuning/jobs").json()["data"]}
+    assert listed == {**positions, elsewhere["id"]: 1, started["id"]: None}
 
 
 def test_every_read_path_gives_the_same_job_object(stack: Stack) -> None:
