@@ -204,6 +204,7 @@ def main() -> int:
         key = api_key(env, home)
         cli(env, "admin", "add-model", MODEL, str(smollm2_gguf()))
         print(f"team demo, key {key[:11]}... (saved in {home / 'demo-api-key'}); model {MODEL}", flush=True)
+        print(f"watch the job at {base}/ui (sign in with that key) while the demo runs", flush=True)
         http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
         say("uploading the training and validation data (examples/arithmetic)")

@@ -60,8 +60,8 @@ def run_stack(settings: Settings, host: str, port: int, pool: str, gpu: int | No
     if all(p.poll() is None for p in procs.values()) and not stopping.is_set():
         database, broker = (u.split("://", 1)[0] for u in (settings.database_url, settings.broker_url))
         print(
-            f"\ntunepool is up: API {url} (docs {url}/docs), one worker on pool {pool!r}, "
-            f"database {database}, broker {broker}\n"
+            f"\ntunepool is up: API {url} (docs {url}/docs, dashboard {url}/ui), one worker on pool "
+            f"{pool!r}, database {database}, broker {broker}\n"
             "create a team and its API key:  tunepool admin create-team NAME   (the key is the last line)\n"
             "register a base model:         tunepool admin add-model NAME SOURCE\n"
             "Ctrl-C stops everything.\n",
