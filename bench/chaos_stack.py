@@ -21,17 +21,9 @@ import psutil
 
 from bench.api_load import free_port
 from bench.dispatch_latency import Proc, build_tiny_model, chat_jsonl, start_proc, stop_proc, tail
+from tests.e2e.conftest import FAST  # the e2e tests' clock: a lost worker is noticed within seconds
 
 REPO = Path(__file__).resolve().parents[1]
-# The e2e tests' clock (tests/e2e/conftest.py FAST): a lost worker is noticed within seconds.
-FAST = {
-    "TUNEPOOL_LEASE_S": "6",
-    "TUNEPOOL_HEARTBEAT_S": "1",
-    "TUNEPOOL_POLL_S": "0.2",
-    "TUNEPOOL_RECONCILE_EVERY_S": "1",
-    "TUNEPOOL_REDISPATCH_AFTER_S": "3",
-    "TUNEPOOL_CANCEL_GRACE_S": "20",
-}
 __all__ = ["ChaosStack", "ChildMonitor", "build_model", "chat_jsonl"]
 
 
