@@ -169,26 +169,26 @@ def check_database(stack: ChaosStack, ids: list[str], steps: int) -> dict[str, A
             ).scalars()
             if total != steps or list(rows) != list(range(1, steps + 1)):
                 problems.append(f"{job_id}: {total} steps, metrics rows are not exactly steps 1..{steps}")
-            events = conn.execute(
-                text("SELECT message, data FROM job_events WHERE job_id = :j ORDER BY pk"), {"j": job_id}
-            ).all()
-            lost = [int(m.group(1)) for e in events if (m := LEASE_LOST.search(e.message))]
-            restarted = [e.message for e in events if RESTARTED.match(e.message)]
-            starts = [int(m.group(1)) for e in events if (m := STARTED.match(e.message))]
-            if starts != list(range(1, attempt + 1)):
-                problems.append(f"{job_id}: attempts started {starts}, expected 1..{attempt}")
-            # Each lost attempt is explained by the reconciler's event. Its successor says where it
-            # resumed from, unless that worker too was killed between its claim and its first write.
-            if lost != list(range(1, attempt)) or len(restarted) > attempt - 1:
-                problems.append(f"{job_id}: attempt {attempt} but lease-lost {lost}, restarted {restarted}")
-            # In event order an attempt n+1 starts only after attempt n was re-queued.
-            order = [("start", int(m.group(1))) if (m := STARTED.match(e.message)) else
-                     ("lost", int(k.group(1))) if (k := LEASE_LOST.search(e.message)) else None
-                     for e in events]  # fmt: skip
-            seq = [o for o in order if o is not None]
+            messages = conn.execute(
+                text("SELECT message FROM job_events WHERE job_id = :j ORDER BY pk"), {"j": job_id}
+            ).scalars()
+            # Attempt starts and lost leases in event order: attempt n+1 may start only after the
+            # reconciler's event explaining why attempt n was re-queued, and each lost one has one.
+            seq: list[tuple[str, int]] = []
+            restarted = []
+            for message in messages:
+                if started := STARTED.match(message):
+                    seq.append(("start", int(started.group(1))))
+                elif lost := LEASE_LOST.search(message):
+                    seq.append(("lost", int(lost.group(1))))
+                elif RESTARTED.match(message):
+                    restarted.append(message)
             expected = [x for n in range(1, attempt + 1) for x in (("start", n), ("lost", n))][:-1]
             if seq != expected:
-                problems.append(f"{job_id}: attempts interleave: {seq}")
+                problems.append(f"{job_id}: attempt {attempt}, but starts and lost leases were {seq}")
+            # A successor says where it resumed from, unless it too was killed before its first write.
+            if len(restarted) > attempt - 1:
+                problems.append(f"{job_id}: attempt {attempt} but restarted {len(restarted)} times")
             requeued += attempt - 1
             for message in restarted:
                 found = re.search(r"checkpoint step (\d+)", message)

@@ -160,20 +160,19 @@ def job_list_view() -> Select[Any]:
 
 def queue_positions_queries(rows: list[Any]) -> list[Any]:
     """Queries of (job id, 1-based queue position) for the queued ones among `rows`, one per pool."""
-    by_pool: dict[str, list[str]] = {}
+    by_pool: dict[str, list[Any]] = {}
     for row in rows:
         if row.status == S.QUEUED.value:
-            by_pool.setdefault(row.pool, []).append(row.id)
+            by_pool.setdefault(row.pool, []).append(row)
     queries: list[Any] = []  # Select statements of (id, position)
-    for pool, ids in by_pool.items():
-        if len(ids) == 1:  # one count of the jobs ahead: cheaper than ranking the whole queue
-            job = next(r for r in rows if r.id == ids[0])
-            ahead = _queued_ahead(pool, job.priority, Job.pk).label("ahead")
-            queries.append(select(Job.id, ahead + 1).where(Job.id == job.id))
+    for pool, queued in by_pool.items():
+        if len(queued) == 1:  # one count of the jobs ahead: cheaper than ranking the whole queue
+            ahead = _queued_ahead(pool, queued[0].priority, Job.pk).label("ahead")
+            queries.append(select(Job.id, ahead + 1).where(Job.id == queued[0].id))
             continue
         order = func.row_number().over(order_by=(Job.priority.desc(), Job.pk)).label("position")
         ranked = select(Job.id, order).where(Job.pool == pool, Job.status == S.QUEUED.value).subquery()
-        queries.append(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(ids)))
+        queries.append(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_([r.id for r in queued])))
     return queries
 
 

@@ -94,11 +94,9 @@ async def get_auth(request: Request) -> tuple[Team, ApiKey]:
             code="missing_api_key",
             headers=_UNAUTHORIZED,
         )
-    found = None
-    if scheme.lower() == "bearer":
-        found = await authenticate(get_database(request), key.strip(), request.app.state.auth_cache)
+    # Another scheme is a bad key too (counted like one); a valid key's path is unchanged.
+    found = await authenticate_request(request, key.strip() if scheme.lower() == "bearer" else "")
     if found is None:
-        count_failed_key(request)  # only failures are counted: a valid key's path is unchanged
         # Never echo the presented key back: it may be a real key of something else.
         raise APIError(401, "Incorrect API key provided", code="invalid_api_key", headers=_UNAUTHORIZED)
     return found

@@ -205,11 +205,7 @@ async def list_events(
     async with db.read() as conn:
         job_id = await own_job_id(conn, team, fine_tuning_job_id)
         if stream:
-            return StreamingResponse(
-                event_stream(request, job_id),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return event_stream_response(request, job_id)
         query = select(JobEvent).where(JobEvent.job_id == job_id)
         start = await cursor_pk(conn, JobEvent, after, "after", job_id=job_id)
         if start is not None:
@@ -217,6 +213,15 @@ async def list_events(
         events = list(await conn.execute(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
     return json_response(
         JobEventList(data=[_event_schema(e) for e in events[:limit]], has_more=len(events) > limit)
+    )
+
+
+def event_stream_response(request: Request, job_id: str) -> StreamingResponse:
+    """A job's events as server-sent events (`event_stream`), unbuffered by proxies."""
+    return StreamingResponse(
+        event_stream(request, job_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 

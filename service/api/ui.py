@@ -187,8 +187,9 @@ def _comparable(session: Session, team: Team, job: Job) -> list[dict[str, Any]]:
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str, session: SessionDep, team: UiTeam) -> HTMLResponse:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team.id))
-    if job is None:
+    try:
+        job = jobs_api.own_job(session, team, job_id)
+    except APIError:  # the REST API's 404, as a page
         message = f"No fine-tuning job {job_id!r} in team {team.name}."
         return _page(request, "error.html", {"team": team, "title": "Job not found", "message": message}, 404)
     context = {
@@ -235,11 +236,7 @@ async def job_events(job_id: str, request: Request, db: DatabaseDep, team: UiTea
     """The job's events, live, as server-sent events (EventSource sends the cookie, unlike a header)."""
     async with db.read() as conn:
         await jobs_api.own_job_id(conn, team, job_id)
-    return StreamingResponse(
-        jobs_api.event_stream(request, job_id),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return jobs_api.event_stream_response(request, job_id)
 
 
 @router.get("/jobs/{job_id}/checkpoints/{checkpoint_id}/content")

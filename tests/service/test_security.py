@@ -20,6 +20,7 @@ from service.models import File
 from service.storage import Storage, StorageError
 from tests.service.conftest import Stack
 from tests.service.helpers import add_checkpoint, ensure_model, new_file, new_job
+from tests.service.multipart import FORM_TYPE, form, part
 from tests.service.test_isolation import route_table
 
 SENTINEL_NAMES = ("sentinel", "sentinel.jsonl", "sentinel.csv")
@@ -121,15 +122,6 @@ def test_no_path_parameter_reaches_outside(stack: Stack) -> None:
     assert stack.storage_files() == before_stored
 
 
-def multipart(filename: bytes, content: bytes, boundary: str = "sec-boundary-1b2c") -> tuple[bytes, str]:
-    """A raw upload body whose file part carries `filename` exactly as given (any bytes)."""
-    b = boundary.encode()
-    body = b"--" + b + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
-    body += b"--" + b + b'\r\nContent-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
-    body += b"Content-Type: application/jsonl\r\n\r\n" + content + b"\r\n--" + b + b"--\r\n"
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 HOSTILE_FILENAMES = [
     b"../../sentinel.jsonl", b"..\\..\\sentinel.jsonl", b"/etc/passwd", b"..%2F..%2Fsentinel.jsonl",
     b"%2e%2e%2f%2e%2e%2fsentinel.jsonl", b"%252e%252e%252fsentinel.jsonl", b"sentinel.jsonl\x00.txt",
@@ -146,8 +138,9 @@ def test_upload_file_names_never_become_paths(stack: Stack) -> None:
     before = outside_files(home, artifacts)
     for filename in HOSTILE_FILENAMES:
         stored_before = set(stack.storage_files())
-        body, ctype = multipart(filename, content)
-        status, answer = raw_request(stack, "POST", "/v1/files", client.key, body, ctype)
+        # The shared multipart builder writes the name into the part header exactly as given.
+        body = form(part("purpose", b"fine-tune"), part("file", content, filename.decode()))
+        status, answer = raw_request(stack, "POST", "/v1/files", client.key, body, FORM_TYPE["Content-Type"])
         if status == 400:  # a header the multipart parser refuses is fine; nothing may be kept
             assert set(stack.storage_files()) == stored_before
             continue
