@@ -239,7 +239,12 @@ class WebhookEndpoint(Base):
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
     url: Mapped[str] = mapped_column(String(2048))
     events: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # event types; None: all
-    secret: Mapped[str] = mapped_column(String(128))  # whsec_<base64 key>, signs every delivery
+    # The whsec_<base64 key> that signs every delivery, encrypted with the server key (service/webhooks.py).
+    secret: Mapped[str] = mapped_column(String(512))
+    # After a rotation: the secret it replaced, still accepted by receivers until it expires; each
+    # delivery is signed with both until then (Standard Webhooks allows several signatures).
+    previous_secret: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    previous_secret_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
 
 
@@ -250,6 +255,7 @@ class WebhookDelivery(Base):
     __table_args__ = (
         Index(None, "status", "next_attempt_at"),  # the delivery loop: what is due
         Index(None, "endpoint_id", "pk"),  # an endpoint's deliveries, newest first
+        Index(None, "created_at"),  # pruning settled rows past their retention
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -266,3 +272,22 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
     delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Pool(Base):
+    """A pool jobs may name: declared by an admin, by registering a model in it, or by a worker that
+    serves it. A job naming any other pool is refused (it would wait forever).
+
+    Also the broker bookkeeping that keeps at most one dispatch message per pool pending: a message
+    is sent only when none was sent since a worker of the pool last took one (service/dispatch.py).
+    """
+
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    declared_by: Mapped[str] = mapped_column(String(16))  # admin | model | worker
+    description: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    # When a dispatch message was last sent, and when a worker of the pool last consumed one.
+    dispatch_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    dispatch_taken_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
