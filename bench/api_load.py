@@ -263,7 +263,10 @@ def seed(database_url: str, n_jobs: int, n_teams: int, rng: random.Random) -> Se
             session.execute(insert(File), file_rows)
             # The create and mix workloads submit real jobs: the model they name must be registered,
             # and no team may hit its queued-jobs or storage quota during a run (a 429 is an error).
-            add_model(session, settings, CREATE_MODEL, "/models/not-loaded-by-this-benchmark")
+            unloaded = settings.home / "models" / "not-loaded-by-this-benchmark"  # under the default root
+            unloaded.mkdir(parents=True, exist_ok=True)
+            (unloaded / "config.json").write_text("{}")
+            add_model(session, settings, CREATE_MODEL, str(unloaded))
             session.execute(update(Team).values(max_queued_jobs=10**9, max_storage_bytes=10**15))
             session.commit()
         jobs: list[SeededJob] = []

@@ -123,7 +123,8 @@ class ChaosStack:
         with self._db.session() as session:
             for i in range(teams):
                 keys.append(create_team(session, self.settings, f"team-{i}")[1])
-            add_model(session, self.settings, "tiny", str(model_dir))
+            roots = self.settings.model_copy(update={"model_roots": str(model_dir)})  # a root of its own
+            add_model(session, roots, "tiny", str(model_dir))
         self.start_api()
         for key in keys:
             client = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30,

@@ -312,7 +312,8 @@ def running_stack(backend: str, home: Path, model_dir: Path, args: argparse.Name
         with db.session() as session:
             _team, key = create_team(session, settings, "bench")
         with db.session() as session:
-            add_model(session, settings, MODEL_NAME, str(model_dir))
+            roots = settings.model_copy(update={"model_roots": str(model_dir)})  # a root of its own
+            add_model(session, roots, MODEL_NAME, str(model_dir))
 
         port = free_port()
         argv = [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port)]

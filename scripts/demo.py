@@ -183,6 +183,8 @@ def main() -> int:
     port = args.port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEPOOL_")}  # embedded defaults
     env |= {"TUNEPOOL_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    # Admins may register models only from the model roots: here, where the SmolLM2 package lives.
+    env["TUNEPOOL_MODEL_ROOTS"] = str(smollm2_gguf().parent)
 
     say(f"starting the stack: tunepool up --port {port} (SQLite database and broker in {home})")
     command = [sys.executable, "-m", "service.cli", "up", "--port", str(port)]

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.models import ApiKey, RegisteredModel, Team
+from service.models import ApiKey, Pool, RegisteredModel, Team
 from service.teams import MAX_JOBS, MAX_SHARE_WEIGHT, MAX_STORAGE_BYTES, TeamUsage
 
 StrictInt = Annotated[int, Field(strict=True)]
@@ -51,14 +51,24 @@ class QuotaUpdate(BaseModel):
 class ModelCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [{"name": "smollm2-135m", "source": "HuggingFaceTB/SmolLM2-135M-Instruct"}]
-        },
+        json_schema_extra={"examples": [{"name": "smollm2-135m", "source": "/models/SmolLM2-135M-Instruct"}]},
     )
 
     name: str = Field(description="what a job's `model` names (not starting with 'ft:')")
-    source: str = Field(description="a model directory, a hub id (local cache) or a .gguf path")
+    source: str = Field(
+        description="absolute path of a model directory (with config.json) or a .gguf file, under one "
+        "of the server's model roots (TUNEPOOL_MODEL_ROOTS)"
+    )
     pool: str | None = Field(None, description="the pool its jobs go to (default: TUNEPOOL_DEFAULT_POOL)")
+
+
+class PoolCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "a100", "description": "8x A100 nodes"}]}
+    )
+
+    name: str = Field(description="1-64 of a-z 0-9 _ -, starting with a letter or digit")
+    description: str | None = Field(None, max_length=512, description="what the pool's nodes are")
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -139,6 +149,26 @@ class ModelDeleted(BaseModel):
     deleted: bool = True
 
 
+class PoolObject(BaseModel):
+    id: str
+    object: Literal["pool"] = "pool"
+    created_at: int
+    declared_by: Literal["admin", "model", "worker"]
+    description: str | None
+
+
+class PoolList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PoolObject]
+    has_more: bool = False
+
+
+class PoolDeleted(BaseModel):
+    id: str
+    object: Literal["pool"] = "pool"
+    deleted: bool = True
+
+
 # -- converters -------------------------------------------------------------------------------
 
 
@@ -178,4 +208,13 @@ def key_object(record: ApiKey) -> ApiKeyObject:
 def model_object(model: RegisteredModel) -> RegisteredModelObject:
     return RegisteredModelObject(
         id=model.name, created=model.created_at, source=model.source, pool=model.pool
+    )
+
+
+def pool_object(pool: Pool) -> PoolObject:
+    return PoolObject(
+        id=pool.name,
+        created_at=pool.created_at,
+        declared_by=pool.declared_by,
+        description=pool.description,
     )

@@ -84,6 +84,11 @@ class AuthCache:
             self._entries.clear()  # rare; simpler than LRU and still bounded
         self._entries[key_hash] = (time.monotonic() + self.ttl, team, record)
 
+    def drop_team(self, team_id: str) -> None:
+        """Forget every key of a team, so its changed quotas are read anew on its next request."""
+        for key_hash in [h for h, (_, t, _) in self._entries.items() if t.id == team_id]:
+            del self._entries[key_hash]
+
     def drop_prefix(self, prefix: str) -> None:
         for key_hash in [h for h, (_, _, r) in self._entries.items() if r.prefix == prefix]:
             del self._entries[key_hash]

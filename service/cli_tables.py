@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.table import Table
 
-from service.admin_schemas import ApiKeyObject, RegisteredModelObject, TeamObject
+from service.admin_schemas import ApiKeyObject, PoolObject, RegisteredModelObject, TeamObject
 
 
 def human_bytes(n: int) -> str:
@@ -64,4 +64,11 @@ def models_table(models: list[RegisteredModelObject]) -> None:
     table = Table("model", "pool", "source", "created (UTC)", title="registered models")
     for m in models:
         table.add_row(m.id, m.pool, m.source, when(m.created))
+    _show(table)
+
+
+def pools_table(pools: list[PoolObject]) -> None:
+    table = Table("pool", "declared by", "description", "created (UTC)", title="pools")
+    for p in pools:
+        table.add_row(p.id, p.declared_by, p.description or "", when(p.created_at))
     _show(table)

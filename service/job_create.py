@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import time
 from typing import Any
 
 from sqlalchemy import func, select
@@ -18,10 +17,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import lock_team
-from service.dispatch import send_dispatch
 from service.errors import APIError
 from service.jobs import add_event, set_status
 from service.models import Checkpoint, File, Job, JobStatus, RegisteredModel, Team
+from service.pools import pool_exists, request_dispatch
 from service.schemas import (
     AUTO_BATCH_SIZE,
     AUTO_N_EPOCHS,
@@ -144,6 +143,32 @@ def _method_and_hyperparameters(body: JobCreate) -> tuple[str, Hyperparameters, 
     return ("dft" if kind == "dft" else "sft"), body.hyperparameters or Hyperparameters(), "hyperparameters"
 
 
+def _idempotent_replay(session: Session, team: Team, key: str, request_hash: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made (same body), None if there is none;
+    409 if the key was used with another body."""
+    existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == key))
+    if existing is not None and existing.request_hash != request_hash:
+        raise APIError(
+            409,
+            "Idempotency-Key was already used with a different request",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return existing
+
+
+def _check_pool(session: Session, pool: str, named: bool) -> None:
+    if not pool_exists(session, pool):
+        param = "pool" if named else "model"
+        raise APIError(
+            400,
+            f"{param}: pool {pool!r} does not exist: no admin declared it and no worker serves it "
+            "(`tunepool admin add-pool`, or start a worker with --pool)",
+            param=param,
+            code="pool_not_found",
+        )
+
+
 def create_job(
     session: Session,
     settings: Settings,
@@ -156,21 +181,20 @@ def create_job(
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 255:
             raise APIError(400, "Idempotency-Key: 1 to 255 characters", param="Idempotency-Key")
-        existing = session.scalar(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        )
-        if existing is not None:
-            if existing.request_hash != request_hash:
-                raise APIError(
-                    409,
-                    "Idempotency-Key was already used with a different request",
-                    param="Idempotency-Key",
-                    code="idempotency_key_reused",
-                )
-            return existing
+        if (existing := _idempotent_replay(session, team, idempotency_key, request_hash)) is not None:
+            return existing  # a retry: no lock, no write
 
     lock_team(session, team.id)  # one job creation per team at a time: quota and files checks hold
+    # Looked up again under the lock: a request with the same key that raced past the first look
+    # has committed by now (it held the lock), and its job is the answer.
+    if idempotency_key is not None and (
+        existing := _idempotent_replay(session, team, idempotency_key, request_hash)
+    ):
+        session.rollback()
+        return existing
     source, model_pool = _resolve_model(session, storage, team, body.model)
+    pool = body.pool or model_pool or settings.default_pool
+    _check_pool(session, pool, named=body.pool is not None)
     _own_file(session, team, body.training_file, "training_file")
     if body.validation_file is not None:
         _own_file(session, team, body.validation_file, "validation_file")
@@ -182,7 +206,9 @@ def create_job(
         .select_from(Job)
         .where(Job.team_id == team.id, Job.status.in_(("queued", "validating_files")))
     )
-    if int(waiting or 0) >= team.max_queued_jobs:
+    # The quota as it is now (under the lock), not as the key's cache remembers the team.
+    max_queued = session.scalar(select(Team.max_queued_jobs).where(Team.id == team.id))
+    if int(waiting or 0) >= int(max_queued if max_queued is not None else team.max_queued_jobs):
         raise APIError(
             429,
             f"Your team has {waiting} queued jobs, its limit (max_queued_jobs); "
@@ -203,34 +229,32 @@ def create_job(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         suffix=body.suffix,
         user_metadata=body.metadata,
-        pool=body.pool or model_pool or settings.default_pool,
+        pool=pool,
         priority=body.priority,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         result_files=[],
     )
-    session.add(job)
-    session.flush()
-    add_event(session, job, f"Created fine-tuning job: {loss.upper()} of {body.model}")
-    set_status(session, job, JobStatus.QUEUED, "Files validated; job queued")
     try:
+        session.add(job)
+        session.flush()
+        add_event(session, job, f"Created fine-tuning job: {loss.upper()} of {body.model}")
+        set_status(session, job, JobStatus.QUEUED, "Files validated; job queued")
         session.commit()
-    except IntegrityError:  # the same Idempotency-Key raced in from another request
+    except IntegrityError:
+        # Only the (team, Idempotency-Key) constraint can fail here, and the team lock makes even
+        # that a request that bypassed it (another version of the API): answer as a replay would.
         session.rollback()
-        existing = session.scalar(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        )
-        if existing is None or existing.request_hash != request_hash:
-            raise APIError(
-                409,
-                "Idempotency-Key was already used with a different request",
-                param="Idempotency-Key",
-                code="idempotency_key_reused",
-            ) from None
+        if idempotency_key is None:
+            raise
+        existing = _idempotent_replay(session, team, idempotency_key, request_hash)
+        if existing is None:
+            raise
         return existing
 
-    if send_dispatch(settings, job.pool):
-        job.dispatched_at = time.time()
+    sent_at = request_dispatch(session, settings, job.pool)  # commits; one pending message per pool
+    if sent_at is not None:
+        job.dispatched_at = sent_at
     else:
         add_event(
             session,

@@ -3,7 +3,8 @@
     validating_files -> queued -> running -> succeeded
           |               |          |----> failed
           v               v          |----> cancelled
-        failed        cancelled      '----> queued   (lease lost; attempt + 1)
+        failed        cancelled      '----> queued   (lease lost, worker shut down, storage full or
+                                                      read-only: worker/job_end.py; attempt + 1)
 
 Every transition goes through `set_status`, which rejects illegal moves and writes an event.
 """

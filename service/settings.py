@@ -8,6 +8,7 @@ TUNEPOOL_BROKER_URL at Redis.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -96,6 +97,75 @@ class Settings(BaseSettings):
     # Attempts before a delivery is given up as `failed`.
     webhook_max_attempts: int = Field(8, ge=1)
 
+    # --- model registry and pools (service/teams.py, service/pools.py)
+    # Directories under which admins may register base models (a model directory or a .gguf file),
+    # separated by ':' or ','; symlinks must resolve inside them too. Empty: <home>/models only.
+    model_roots: str = ""
+
+    # --- webhook delivery, targets and secrets (service/webhook_delivery.py, netguard.py, secretbox.py)
+    # Deliveries one worker sends at once (on its delivery thread), and at most this many for one team.
+    webhook_concurrency: int = Field(32, ge=1, le=1000)
+    webhook_team_concurrency: int = Field(8, ge=1, le=1000)
+    # Webhook endpoints one team may register (409 webhook_endpoint_limit above it).
+    webhook_max_endpoints: int = Field(16, ge=1)
+    # CIDRs (comma-separated) webhooks may reach although they are loopback, private, link-local or
+    # otherwise not global, e.g. "10.20.0.0/16,127.0.0.0/8"; empty: public addresses only.
+    webhook_allow_cidrs: str = ""
+    # How long the secret a rotation replaced still signs deliveries (beside the new one), seconds.
+    webhook_secret_grace_s: float = Field(86400.0, ge=0)
+    # Delivered and failed delivery rows are deleted this many seconds after they were created.
+    webhook_retention_s: float = Field(30 * 86400.0, gt=0)
+    # Fernet key(s) that encrypt webhook secrets at rest, comma-separated (the first encrypts, all
+    # decrypt). The same on the API and every worker. Empty: <home>/secret.key, created once.
+    secret_key: str = Field("", repr=False)
+
+    # --- outages and scrape access (service/db.py, service/outages.py, service/metrics.py)
+    # Seconds a statement waits on the database itself: SQLite's busy wait for another writer's lock,
+    # and the connect timeout of PostgreSQL. Past it the request answers 503 (database_busy or
+    # database_unavailable) with Retry-After; keep it well below what clients wait for an answer.
+    db_timeout_s: float = Field(5.0, gt=0, le=120)
+    # Seconds a request waits for a free pooled connection before it answers 503 database_busy.
+    db_acquire_timeout_s: float = Field(10.0, gt=0, le=300)
+    # Bearer token GET /metrics requires when set. Unset, /metrics answers anyone who can reach the
+    # API's port, and its series name every team.
+    metrics_token: str = Field("", repr=False)
+
+    # --- full or read-only storage under workers (worker/artifacts.py, worker/storage_space.py)
+    # A worker claims no job while the artifact storage (its root or jobs/) has fewer bytes free than
+    # this, or is read-only: a job stopped by a full disk waits, queued, until space is freed.
+    min_free_bytes: int = Field(1024**3, ge=0)
+    # Files in the storage's tmp/ untouched for this many seconds (left by a killed upload or results
+    # write) are deleted by the reconciler; keep it above the longest upload.
+    tmp_max_age_s: float = Field(86400.0, gt=0)
+
+    # --- slow clients: per-connection limits (service/http_protocol.py) and per-team caps
+    # Seconds a connection may take to send a request's line and headers, from its opening or from
+    # the first byte after the previous response (408 and closed past it; an idle new socket is closed).
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    # Seconds a request body may go without a byte arriving (408 and closed past it).
+    body_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # Seconds an idle keep-alive connection stays open after a response (uvicorn's timeout_keep_alive).
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=600)
+    # Seconds a client may leave a response unread (its socket buffers full) before it is disconnected.
+    send_stall_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # Open connections plus running requests of one API process past which requests answer 503
+    # (uvicorn's limit_concurrency).
+    max_connections: int = Field(2048, ge=1)
+    # Concurrent uploads, downloads (file and checkpoint content) and event streams one team may have
+    # open in one API process; past them, 429 with Retry-After (service/team_limits.py).
+    team_max_uploads: int = Field(8, ge=1)
+    team_max_downloads: int = Field(16, ge=1)
+    team_max_event_streams: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check_webhook_settings(self) -> Settings:
+        from service.netguard import parse_allow_cidrs
+        from service.secretbox import parse_keys
+
+        parse_allow_cidrs(self.webhook_allow_cidrs)  # a ValueError that names the variable
+        parse_keys(self.secret_key)
+        return self
+
     @model_validator(mode="after")
     def _fill_and_check(self) -> Settings:
         if not self.database_url:
@@ -126,6 +196,11 @@ class Settings(BaseSettings):
     def artifacts(self) -> Path:
         assert self.storage_dir is not None
         return self.storage_dir
+
+    @property
+    def model_root_paths(self) -> list[Path]:
+        roots = [p for p in re.split(r"[:,]", self.model_roots) if p.strip()]
+        return [Path(p.strip()).expanduser() for p in roots] or [self.home / "models"]
 
     @property
     def is_sqlite(self) -> bool:

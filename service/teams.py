@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from service.auth import KEY_PREFIX, create_key
 from service.models import ApiKey, File, Job, JobStatus, RegisteredModel, Team, now_s
+from service.pools import declare_pool
 from service.schemas import POOL_PATTERN
 from service.settings import Settings
 
@@ -203,26 +205,61 @@ def list_models(session: Session) -> list[RegisteredModel]:
     return list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.pk)))
 
 
+def check_model_source(settings: Settings, source: str) -> str:
+    """`source` resolved (symlinks and `..` followed) if it is a model directory (one with a
+    config.json) or a .gguf file inside one of the model roots (TUNEPOOL_MODEL_ROOTS); AdminError
+    naming `source` otherwise. Registration is the only check between an admin's string and what
+    workers open, so nothing outside the roots (/etc/shadow, /root, a file of keys) gets in."""
+    roots = settings.model_root_paths
+    shown = ", ".join(str(r) for r in roots)
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        raise AdminError(
+            f"source: give the absolute path of a model directory or .gguf file under the model roots "
+            f"({shown}; TUNEPOOL_MODEL_ROOTS), got {source!r}",
+            "source",
+        )
+    resolved = path.resolve()
+    inside = [r for r in roots if resolved.is_relative_to(r.resolve())]
+    if not inside:
+        raise AdminError(
+            f"source: {source!r} is not under a model root ({shown}; TUNEPOOL_MODEL_ROOTS)"
+            + (f"; it resolves to {str(resolved)!r}" if resolved != path else ""),
+            "source",
+        )
+    if resolved.is_file() and resolved.suffix.lower() == ".gguf":
+        return str(resolved)
+    if resolved.is_dir() and (resolved / "config.json").is_file():
+        return str(resolved)
+    what = "does not exist"
+    if resolved.exists():
+        what = "is neither a .gguf file nor a directory with a config.json"
+    raise AdminError(f"source: {source!r} {what}", "source")
+
+
 def add_model(
     session: Session, settings: Settings, name: str, source: str, pool: str | None = None
 ) -> RegisteredModel:
-    """Register a base model, or update the source (and pool, if given) of a registered one."""
+    """Register a base model, or update the source (and pool, if given) of a registered one.
+
+    Registering a model in a pool declares the pool (service/pools.py)."""
     name, source = name.strip(), source.strip()
     if not name or len(name) > 128 or name.startswith("ft:") or any(c.isspace() or c == "\x00" for c in name):
         raise AdminError("name: 1 to 128 characters, no spaces, not starting with 'ft:'", "name")
-    if not source or len(source) > 1024:
-        raise AdminError(
-            "source: a model directory, a hub id or a .gguf path (up to 1024 characters)", "source"
-        )
+    if not source or len(source) > 1024 or "\x00" in source:
+        raise AdminError("source: a model directory or a .gguf path (up to 1024 characters)", "source")
     if pool is not None and not POOL_NAME.match(pool):
         raise AdminError("pool: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit", "pool")
+    source = check_model_source(settings, source)
     existing = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
     if existing is not None:
         existing.source, existing.pool = source, pool or existing.pool
+        declare_pool(session, existing.pool, "model")
         session.commit()
         return existing
     model = RegisteredModel(name=name, source=source, pool=pool or settings.default_pool)
     session.add(model)
+    declare_pool(session, model.pool, "model")
     session.commit()
     return model
 

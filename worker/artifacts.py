@@ -1,12 +1,17 @@
 """What a job's run reads and leaves besides checkpoints: the trainer's config built from the job
 row, the run directory, the fine-tuned model's name, checkpoint metrics in OpenAI's names, and the
-metrics CSV attached to a finished job as its result file."""
+metrics CSV attached to a finished job as its result file. Also the storage upkeep of workers: no
+claim while the storage is nearly full, and temporary files of killed writers removed by age."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
+import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,9 @@ from sqlalchemy import select
 from service.models import File, Job, JobMetric, new_id
 from service.settings import Settings
 from service.storage import Storage
+from worker.storage_space import human_bytes, low_space
+
+log = logging.getLogger("tunepool.artifacts")
 
 # Trainer settings that a job's resolved hyperparameters carry under the same name.
 _TRAINER_FIELDS = (
@@ -53,7 +61,9 @@ def fine_tuned_model_name(job: Job, team_name: str) -> str:
 
 
 def results_file(session: Any, storage: Storage, job: Job) -> File:
-    """The per-step metrics as CSV, attached as a `fine-tune-results` file as OpenAI does."""
+    """The per-step metrics as CSV, stored and added to the session as a `fine-tune-results` file as
+    OpenAI does. An OSError (a full or read-only disk) leaves nothing behind in storage's tmp/; the
+    caller deletes the stored file (`file.storage_path`) if its transaction does not commit."""
     rows = [
         m.data
         for m in session.scalars(select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step))
@@ -79,10 +89,50 @@ def results_file(session: Any, storage: Storage, job: Job) -> File:
     )
     file.storage_path = storage.file_relpath(job.team_id, file.id).removesuffix(".jsonl") + ".csv"
     temp = storage.temp_path()
-    temp.write_bytes(content)
-    storage.commit(temp, file.storage_path)
+    try:
+        try:
+            temp.write_bytes(content)
+        except OSError as err:  # a failed write() does not say which file: name it for the job's event
+            raise OSError(err.errno, err.strerror, str(temp)) from err
+        storage.commit(temp, file.storage_path)
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)  # committed: already gone; failed: half a CSV
     session.add(file)
     return file
+
+
+def storage_too_full(settings: Settings) -> str | None:
+    """Why this worker must not claim a job now (its storage is read-only or has less than
+    `min_free_bytes` free, checked where runs and results are written), or None."""
+    root = settings.artifacts
+    fs = low_space([root / "jobs", root], settings.min_free_bytes)
+    if fs is None:
+        return None
+    if fs.read_only:
+        return f"storage {fs} is read-only"
+    return f"storage {fs} has less than TUNEPOOL_MIN_FREE_BYTES ({human_bytes(settings.min_free_bytes)}) free"
+
+
+def remove_stale_temp_files(storage: Storage, max_age_s: float, now: float | None = None) -> int:
+    """Delete files in storage's tmp/ untouched for `max_age_s` (left by writers that were killed:
+    uploads and results write there, then rename into place). The number removed."""
+    cutoff = (time.time() if now is None else now) - max_age_s
+    removed = 0
+    try:
+        entries = os.scandir(storage.root / "tmp")
+    except FileNotFoundError:
+        return 0
+    with entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False) and st.st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        log.info("removed %d stale temporary files from %s", removed, storage.root / "tmp")
+    return removed
 
 
 def checkpoint_metrics(row: dict[str, Any]) -> dict[str, Any]:

@@ -7,14 +7,19 @@ memory is freed when the job ends. It talks to its parent through files only:
 - `output/metrics.jsonl`, `output/events.jsonl`, `output/checkpoints/step-N/`: the trainer's own
   outputs, which the parent tails into the database while the run goes on;
 - `STOP` (written by the parent): finish the current step and stop, keeping the last checkpoint;
-- `error.json` (written here): why the run failed, as an OpenAI-style error (code, message, param).
+- `error.json` (written here): why the run failed, as an OpenAI-style error (code, message, param),
+  or for a full, read-only or failing disk the errno and the path whose write failed.
 
 Exit status: 0 finished or stopped on request (`output/summary.json` says which), 3 failed with
-`error.json` written, anything else a crash (the parent reports the log's last lines).
+`error.json` written, 4 a write failed for want of storage (ENOSPC, EDQUOT, EROFS, EIO; `error.json`
+if it could still be written), anything else a crash (the parent reports the log's last lines).
+On a full disk the log may stay empty: everything here that writes is allowed to fail.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -23,7 +28,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from worker.storage_space import storage_errno
+
 EXIT_FAILED = 3
+EXIT_STORAGE = 4
 STOP_FILE = "STOP"
 ERROR_FILE = "error.json"
 CONFIG_FILE = "config.json"
@@ -77,30 +85,59 @@ def classify(err: BaseException) -> dict[str, Any] | None:
     return None
 
 
+def _write_error(run_dir: Path, error: dict[str, Any]) -> bool:
+    tmp = run_dir / f".{ERROR_FILE}.tmp"
+    try:
+        tmp.write_text(json.dumps(error))
+        os.replace(tmp, run_dir / ERROR_FILE)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+
+
+def _storage_failure(run_dir: Path, output_dir: Path, number: int, path: str | None) -> int:
+    """Free what the failed save took (a half-written checkpoint is never resumed from: it has no
+    marker and is not renamed into place), then tell the parent what failed, as far as disk allows."""
+    with contextlib.suppress(Exception):
+        from worker.training.checkpoint import remove_partial_checkpoints
+
+        remove_partial_checkpoints(output_dir)
+    with contextlib.suppress(OSError):
+        traceback.print_exc()
+    _write_error(run_dir, {"storage": {"errno": errno.errorcode.get(number, "EIO"), "path": path}})
+    return EXIT_STORAGE
+
+
 def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
     stop_file = run_dir / STOP_FILE
+    output_dir = run_dir / "output"
     try:
         from worker.training.config import TrainingConfig
         from worker.training.trainer import Trainer
 
         config = TrainingConfig.model_validate(json.loads((run_dir / CONFIG_FILE).read_text()))
+        output_dir = config.output_dir
         trainer = Trainer(config, should_stop=stop_file.exists)
         trainer.setup()
         result = trainer.train()
-        print(f"run {result.status}: {result.step}/{result.total_steps} steps", flush=True)
+        with contextlib.suppress(OSError):  # the run is complete: a full log must not fail it
+            print(f"run {result.status}: {result.step}/{result.total_steps} steps", flush=True)
         return 0
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt | SystemExit):
             raise
-        traceback.print_exc()
+        storage = storage_errno(err)
+        if storage is not None:
+            return _storage_failure(run_dir, output_dir, *storage)
+        with contextlib.suppress(OSError):
+            traceback.print_exc()
         error = classify(err)
         if error is None:
             return 1
-        tmp = run_dir / f".{ERROR_FILE}.tmp"
-        tmp.write_text(json.dumps(error))
-        os.replace(tmp, run_dir / ERROR_FILE)
-        return EXIT_FAILED
+        return EXIT_FAILED if _write_error(run_dir, error) else 1
 
 
 if __name__ == "__main__":

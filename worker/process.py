@@ -2,7 +2,8 @@
 
 A Celery worker with concurrency 1 (the solo pool: the task runs in this process, the training in
 a child of it) bound to one GPU through CUDA_VISIBLE_DEVICES. Beside Celery, a maintenance thread
-keeps this worker's row in the `workers` registry fresh and runs the reconciler. On shutdown
+keeps this worker's row in the `workers` registry fresh and runs the reconciler, and a delivery
+thread sends webhooks (apart, so that no receiver can delay a heartbeat). On shutdown
 (SIGTERM, Ctrl-C) a running job is stopped and handed back to the queue at once; it resumes from
 its last checkpoint wherever it is claimed next.
 """
@@ -20,10 +21,11 @@ import time
 from sqlalchemy import select
 
 from service.db import Database
-from service.dispatch import queue_name, send_dispatch
+from service.dispatch import queue_name
 from service.models import Worker
+from service.pools import declare_pool, mark_dispatch_taken, request_dispatch, wake_another_worker
 from service.settings import Settings
-from service.webhooks import deliver_due
+from service.webhook_sender import DeliveryLoop
 from worker.claim import claim_next_job
 from worker.reconciler import reconcile
 from worker.runner import JobRun
@@ -74,6 +76,7 @@ class WorkerProcess:
                     gpu_memory_bytes=memory, current_job_id=None, started_at=now, last_heartbeat_at=now,
                 )
             )  # fmt: skip
+            declare_pool(session, self.pool, "worker")  # jobs may name a pool a worker serves
             session.commit()
         log.info("worker %s registered (pool %s, %s)", self.id, self.pool, name)
 
@@ -102,7 +105,6 @@ class WorkerProcess:
                 if time.monotonic() - self._last_reconcile >= self.settings.reconcile_every_s:
                     self._last_reconcile = time.monotonic()
                     reconcile(self.db, self.settings)
-                deliver_due(self.db, self.settings)  # webhooks (service/webhooks.py)
             except Exception:  # the database may be restarting: try again next round
                 log.exception("worker maintenance failed; retrying")
             self.stopping.wait(min(self.settings.heartbeat_s, self.settings.reconcile_every_s))
@@ -110,18 +112,28 @@ class WorkerProcess:
     def drain(self, pool: str) -> int:
         """Claim and run jobs of `pool` until none is left for us (or we are stopping)."""
         ran = 0
+        with self.db.session() as session:
+            mark_dispatch_taken(session, pool)  # from now on a new job sends a new message
         while not self.stopping.is_set():
+            from worker.artifacts import storage_too_full
+
+            if (full := storage_too_full(self.settings)) is not None:  # a job started now would fail
+                log.warning("not claiming jobs of pool %s: %s", pool, full)  # the reconciler re-sends
+                break
             claim = claim_next_job(self.db, pool, self.id, self.settings.lease_s)
             if claim is None:
                 break
             self.current_job = claim.job_id
+            with self.db.session() as session:
+                wake_another_worker(session, self.settings, pool)  # for the jobs still queued there
             try:
                 JobRun(self.db, self.settings, claim, self.id, abort=self.stopping.is_set).run()
             finally:
                 self.current_job = None
             ran += 1
         if self.stopping.is_set():
-            send_dispatch(self.settings, pool)  # another worker takes over what was handed back
+            with self.db.session() as session:  # another worker takes over what was handed back
+                request_dispatch(session, self.settings, pool)
         return ran
 
     def run_celery(self) -> None:
@@ -144,11 +156,19 @@ def run_worker(settings: Settings, pool: str, gpu: int | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # inherited by the training child
     worker = _current = WorkerProcess(settings, pool, gpu)
     worker.register()
-    thread = threading.Thread(target=worker.maintain, name="tunepool-maintenance", daemon=True)
-    thread.start()
+    threads = [
+        threading.Thread(target=worker.maintain, name="tunepool-maintenance", daemon=True),
+        # Webhooks on a thread of their own: no receiver delays a heartbeat (service/webhook_sender.py).
+        threading.Thread(
+            target=DeliveryLoop(settings).run, args=(worker.stopping,), name="tunepool-webhooks", daemon=True
+        ),
+    ]
+    for thread in threads:
+        thread.start()
     try:
         worker.run_celery()
     finally:
         worker.stopping.set()
-        thread.join(5)
+        for thread in threads:
+            thread.join(5)
         worker.unregister()

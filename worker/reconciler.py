@@ -7,25 +7,29 @@ in several places at once (every worker runs it; so does `tunepool up`).
   reconcilers cannot both act on it, and the dead worker's late writes are fenced off.
 - Workers that stopped heartbeating long ago (killed before they could unregister) leave the
   registry.
+- Temporary files in the storage's tmp/ older than `tmp_max_age_s` (a killed upload or results
+  write) are deleted.
 - Queued jobs that have waited `redispatch_after_s` since their last dispatch message get one sent
-  again (the broker was down or lost it, or the API died between commit and send). Messages name
-  a pool, so a surplus one costs a worker one empty claim.
+  again (the broker was down or lost it, or the API died between commit and send), keeping at most
+  one message per pool in the broker (service/pools.py). Messages name a pool, so a surplus one
+  costs a worker one empty claim.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
 from service.db import Database, rows_updated
-from service.dispatch import send_dispatch
 from service.jobs import set_status
 from service.models import Checkpoint, Job, JobStatus, Worker
+from service.pools import dispatch_pending_since, request_dispatch
 from service.settings import Settings
+from service.storage import Storage
+from worker.artifacts import remove_stale_temp_files
 
 log = logging.getLogger("tunepool.reconciler")
 S = JobStatus
@@ -79,44 +83,39 @@ def requeue_expired(db: Database, settings: Settings, now: float | None = None) 
     return requeued
 
 
-def redispatch_waiting(
-    db: Database,
-    settings: Settings,
-    now: float | None = None,
-    send: Callable[[Settings, str], bool] = send_dispatch,
-) -> dict[str, int]:
-    """Send dispatch messages for queued jobs that waited too long; messages sent per pool."""
+def redispatch_waiting(db: Database, settings: Settings, now: float | None = None) -> dict[str, int]:
+    """Dispatch messages for pools whose queued jobs waited `redispatch_after_s` since their last one.
+
+    At most one message per pool waits in the broker (service/pools.py): a pool whose message is
+    pending gets no other, unless it has been pending that long while an idle worker of the pool
+    was alive, which would have taken it: the broker lost it, and it is sent again."""
     now = time.time() if now is None else now
     cutoff = now - settings.redispatch_after_s
+    stale = (Job.dispatched_at.is_(None)) | (Job.dispatched_at < cutoff)
     with db.session() as session:
-        waiting = session.execute(
-            select(Job.pool, func.count())
-            .where(Job.status == S.QUEUED.value, (Job.dispatched_at.is_(None)) | (Job.dispatched_at < cutoff))
-            .group_by(Job.pool)
+        waiting = session.scalars(
+            select(Job.pool).where(Job.status == S.QUEUED.value, stale).group_by(Job.pool)
         ).all()
-        alive = dict(
+        idle = dict(
             session.execute(
                 select(Worker.pool, func.count())
-                .where(Worker.last_heartbeat_at > now - settings.lease_s)
+                .where(Worker.last_heartbeat_at > now - settings.lease_s, Worker.current_job_id.is_(None))
                 .group_by(Worker.pool)
             ).all()
         )
     sent: dict[str, int] = {}
-    for pool, n in waiting:
-        # Enough messages to wake every live worker of the pool, no more: each drains the queue.
-        wanted = min(n, max(1, alive.get(pool, 0)))
-        ok = sum(send(settings, pool) for _ in range(wanted))
-        if not ok:
-            continue
-        sent[pool] = ok
+    for pool in waiting:
         with db.session() as session:
+            pending_since = dispatch_pending_since(session, pool)
+            lost = pending_since is not None and pending_since < cutoff and idle.get(pool, 0) > 0
+            if pending_since is not None and not lost:
+                continue  # the pending message covers these jobs; a worker takes it once one is free
+            if request_dispatch(session, settings, pool, force=lost) is None:
+                continue  # the broker is unreachable: next round
+            sent[pool] = 1
             session.execute(
                 update(Job)
-                .where(
-                    Job.pool == pool,
-                    Job.status == S.QUEUED.value,
-                    (Job.dispatched_at.is_(None)) | (Job.dispatched_at < cutoff),
-                )
+                .where(Job.pool == pool, Job.status == S.QUEUED.value, stale)
                 .values(dispatched_at=now)
                 .execution_options(synchronize_session=False)
             )
@@ -137,6 +136,10 @@ def reconcile(db: Database, settings: Settings) -> dict[str, Any]:
     forget_dead_workers(db, settings)
     requeued = requeue_expired(db, settings)
     sent = redispatch_waiting(db, settings)
+    try:
+        remove_stale_temp_files(Storage(settings.artifacts), settings.tmp_max_age_s)
+    except OSError as err:  # storage unreachable or read-only: the jobs above matter more
+        log.warning("reconciler: cannot clean the storage's tmp/: %s", err)
     if requeued or sent:
         log.info("reconciler: re-queued %s, dispatch messages sent %s", requeued, sent)
     return {"requeued": requeued, "dispatched": sent}

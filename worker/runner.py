@@ -5,7 +5,8 @@
       spawn     `python -m worker.child RUN_DIR` in its own process group
       loop      every poll_s: tail metrics/events, register new checkpoints; every heartbeat_s:
                 extend the lease (fenced), publish progress, read cancel_requested
-      finish    succeeded (final checkpoint, fine_tuned_model, results CSV) | cancelled | failed
+      finish    succeeded (final checkpoint, fine_tuned_model, results CSV) | cancelled | failed, or
+                queued again when the disk filled (worker/job_end.py: one step, whatever fails in it)
 
 The run directory is `STORAGE_DIR/jobs/<job id>/` on the artifact storage that API and workers
 share: another worker that takes the job over after a crash finds the checkpoints there and the
@@ -26,7 +27,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -37,15 +37,11 @@ from service.jobs import add_event, set_status
 from service.models import Checkpoint, File, Job, JobMetric, JobStatus, Team
 from service.settings import Settings
 from service.storage import Storage
-from worker.artifacts import (
-    checkpoint_metrics,
-    fine_tuned_model_name,
-    results_file,
-    run_dir,
-    training_config,
-)
-from worker.child import CONFIG_FILE, ERROR_FILE, EXIT_FAILED, STOP_FILE
+from worker.artifacts import checkpoint_metrics, fine_tuned_model_name, run_dir, training_config
+from worker.child import CONFIG_FILE, ERROR_FILE, STOP_FILE
 from worker.claim import Claim, Fence, LeaseLost
+from worker.job_end import exit_outcome, record_end, storage_outcome
+from worker.storage_space import problem_of
 from worker.tail import JsonlTail
 
 # Imported with this module (when the worker starts), not at a run's first sync: it imports torch,
@@ -58,13 +54,6 @@ S = JobStatus
 
 class Released(Exception):
     """This worker is shutting down: the job goes back to the queue."""
-
-
-@dataclass
-class Outcome:
-    status: JobStatus
-    error: dict[str, Any] | None = None
-    log_tail: list[str] = field(default_factory=list)
 
 
 class JobRun:
@@ -95,6 +84,8 @@ class JobRun:
         self.stop_sent_at: float | None = None
         self.model_name = ""  # the fine-tuned model's name, set by prepare()
         self.resume_step = 0  # rows up to this step are in the database from an earlier attempt
+        self.last_beat = time.monotonic()  # the last renewal of the lease (the claim made it)
+        self.stored_results: str | None = None  # a results CSV stored for the end's transaction
 
     # ------------------------------------------------------------------ set-up
 
@@ -123,6 +114,9 @@ class JobRun:
             if self.claim.attempt > 1:
                 where = f"from checkpoint step {last}" if last else "from the start (no checkpoint yet)"
                 add_event(session, job, f"Restarted {where} on worker {self.worker_id}", level="warn")
+        # What earlier attempts left was synced by them; the trainer rewrites metrics.jsonl when it
+        # starts (cut after the checkpoint), so its rows are read again from there.
+        self.metrics.skip_existing()
         self.events.skip_existing()
 
     @staticmethod
@@ -211,9 +205,14 @@ class JobRun:
 
     def heartbeat(self) -> None:
         cancel = self.fence.heartbeat(self.settings.lease_s)
+        self.last_beat = time.monotonic()
         if cancel and self.stop_sent_at is None:
-            (self.dir / STOP_FILE).write_text("cancel requested\n")
             self.stop_sent_at = time.monotonic()
+            try:
+                (self.dir / STOP_FILE).write_text("cancel requested\n")
+            except OSError as err:  # a full disk: no STOP file, so no clean stop; cancel all the same
+                log.warning("cannot write %s (%s): killing job %s", STOP_FILE, err, self.claim.job_id)
+                self.kill()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -225,19 +224,18 @@ class JobRun:
         """Until the child exits: sync, heartbeat, enforce cancel's grace period. Its exit status."""
         assert self.proc is not None
         next_beat = 0.0
-        last_beat = time.monotonic()
         while True:
             code = self.proc.poll()
             now = time.monotonic()
             try:
                 if now >= next_beat:
                     self.heartbeat()
-                    next_beat, last_beat = now + self.settings.heartbeat_s, now
+                    next_beat = now + self.settings.heartbeat_s
                 self.sync()
             except OperationalError as err:
                 # The database is restarting or unreachable: training goes on, and so do we, as
                 # long as the lease may still be ours. After that, another worker may have it.
-                if now - last_beat > self.settings.lease_s:
+                if now - self.last_beat > self.settings.lease_s:
                     raise LeaseLost(f"database unreachable for longer than the lease: {err}") from err
                 log.warning("database error, retrying: %s", err)
                 next_beat = now + 1.0
@@ -257,78 +255,31 @@ class JobRun:
                 return self.proc.wait()
             time.sleep(self.settings.poll_s)
 
-    # ------------------------------------------------------------------ the end
+    # ------------------------------------------------------------------ the end (worker/job_end.py)
 
-    def outcome(self, code: int) -> Outcome:
-        summary_path = self.output / "summary.json"
-        if code == 0 and summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            if summary.get("status") == "completed":
-                return Outcome(S.SUCCEEDED)
-            return Outcome(S.CANCELLED)
-        if self.stop_sent_at is not None:
-            return Outcome(S.CANCELLED)
-        tail = self._log_tail()
-        if code == EXIT_FAILED and (self.dir / ERROR_FILE).exists():
-            return Outcome(S.FAILED, json.loads((self.dir / ERROR_FILE).read_text()), tail)
-        if code == -signal.SIGKILL:
-            message = "The training process was killed (SIGKILL), most likely by the out-of-memory killer"
-            return Outcome(S.FAILED, {"code": "out_of_memory", "message": message, "param": None}, tail)
-        message = f"The training process failed (exit status {code}); the job's events show its last output"
-        return Outcome(S.FAILED, {"code": "internal_error", "message": message, "param": None}, tail)
-
-    def _log_tail(self, lines: int = 30) -> list[str]:
+    def log_tail(self, lines: int = 30) -> list[str]:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return []
         return text.splitlines()[-lines:]
 
-    def finish(self, outcome: Outcome) -> None:
-        with self.fence.write() as (session, job):
-            if outcome.status == S.SUCCEEDED:
-                self._succeed(session, job)
-            elif outcome.status == S.CANCELLED:
-                last = max(self.registered, default=0)
-                kept = f"; checkpoint of step {last} kept" if last else ""
-                set_status(session, job, S.CANCELLED, f"Job cancelled at step {job.steps_completed}{kept}")
-            else:
-                if outcome.log_tail and outcome.error and outcome.error["code"] == "internal_error":
-                    add_event(
-                        session,
-                        job,
-                        "Last lines of the training log:\n" + "\n".join(outcome.log_tail),
-                        level="error",
-                    )
-                assert outcome.error is not None
-                set_status(
-                    session,
-                    job,
-                    S.FAILED,
-                    f"Job failed: {outcome.error['message']}",
-                    level="error",
-                    error=outcome.error,
-                )
-
-    def _succeed(self, session: Any, job: Job) -> None:
-        job.fine_tuned_model = self.model_name
-        summary = json.loads((self.output / "summary.json").read_text())
-        job.trained_tokens = int(summary.get("trained_tokens", job.trained_tokens or 0))
-        job.steps_completed = int(summary.get("steps", job.steps_completed))
-        job.estimated_finish = None
-        results = results_file(session, self.storage, job)
-        job.result_files = [results.id]
-        set_status(session, job, S.SUCCEEDED, f"Job succeeded: {job.fine_tuned_model}")
-
     # ------------------------------------------------------------------ all of it
 
     def run(self) -> JobStatus | None:
-        """Run the attempt to its end; the job's final status, or None if the lease was lost."""
+        """Run the attempt to its end; the job's status after it, or None if the lease was lost."""
         try:
-            self.prepare()
-            self.spawn()
-            outcome = self.outcome(self.watch())
-            self.finish(outcome)
+            try:
+                self.prepare()
+                self.spawn()
+                outcome = exit_outcome(self, self.watch())
+            except OSError as err:  # our own write to the run directory (config.json, log, ...)
+                problem = problem_of(err, self.dir)
+                if problem is None:
+                    raise
+                self.kill()
+                outcome = storage_outcome(self, problem)
+            record_end(self, outcome)
             return outcome.status
         except LeaseLost as err:
             log.warning("%s: stopping the run", err)  # the child is killed below

@@ -18,12 +18,15 @@ class JsonlTail:
         self.inode: int | None = None
 
     def skip_existing(self) -> None:
-        """Start after what the file holds now."""
+        """Start after the complete lines the file holds now (a last line cut short by a kill or a
+        full disk is dropped by the trainer when it opens the file again: not counted here)."""
         try:
-            st = os.stat(self.path)
+            with self.path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
         except FileNotFoundError:
             return
-        self.inode, self.offset = st.st_ino, st.st_size
+        self.inode, self.offset = st.st_ino, data.rfind(b"\n") + 1
 
     def read_new(self) -> list[dict[str, Any]]:
         try:

@@ -44,7 +44,10 @@ def upgrade() -> None:
 
     with op.batch_alter_table("webhook_endpoints", schema=None) as batch_op:
         batch_op.alter_column(
-            "secret", existing_type=sa.String(length=128), type_=sa.String(length=512), existing_nullable=False
+            "secret",
+            existing_type=sa.String(length=128),
+            type_=sa.String(length=512),
+            existing_nullable=False,
         )
         batch_op.add_column(sa.Column("previous_secret", sa.String(length=512), nullable=True))
         batch_op.add_column(sa.Column("previous_secret_expires_at", sa.Float(), nullable=True))
@@ -59,6 +62,9 @@ def downgrade() -> None:
         batch_op.drop_column("previous_secret_expires_at")
         batch_op.drop_column("previous_secret")
         batch_op.alter_column(
-            "secret", existing_type=sa.String(length=512), type_=sa.String(length=128), existing_nullable=False
+            "secret",
+            existing_type=sa.String(length=512),
+            type_=sa.String(length=128),
+            existing_nullable=False,
         )
     op.drop_table("pools")

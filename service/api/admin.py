@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from fastapi import APIRouter, Request
 
-from service import teams
+from service import pools, teams
 from service.admin_schemas import (
     ApiKeyCreated,
     ApiKeyList,
@@ -20,6 +20,10 @@ from service.admin_schemas import (
     KeyCreate,
     ModelCreate,
     ModelDeleted,
+    PoolCreate,
+    PoolDeleted,
+    PoolList,
+    PoolObject,
     QuotaUpdate,
     RegisteredModelList,
     RegisteredModelObject,
@@ -29,6 +33,7 @@ from service.admin_schemas import (
     TeamObject,
     key_object,
     model_object,
+    pool_object,
     team_object,
 )
 from service.api.deps import AdminTeam, SessionDep, SettingsDep
@@ -45,11 +50,11 @@ _CODES = {404: "not_found", 409: "already_exists"}
 
 @contextmanager
 def admin_errors() -> Iterator[None]:
-    """AdminError -> the OpenAI-style error of its status, naming its param."""
+    """AdminError (or PoolError) -> the OpenAI-style error of its status, naming its param."""
     try:
         yield
-    except teams.AdminError as err:
-        code = _CODES.get(err.status, "invalid_value")
+    except (teams.AdminError, pools.PoolError) as err:
+        code = getattr(err, "code", "") or _CODES.get(err.status, "invalid_value")
         raise APIError(err.status, str(err), param=err.param, code=code) from None
 
 
@@ -90,9 +95,15 @@ def get_team(name: str, session: SessionDep, _admin: AdminTeam) -> TeamObject:
 @router.patch(
     "/teams/{name}/quota", response_model=TeamObject, summary="Change a team's quotas", responses=_NO_SUCH
 )
-def set_quota(name: str, body: QuotaUpdate, session: SessionDep, _admin: AdminTeam) -> TeamObject:
+def set_quota(
+    name: str, body: QuotaUpdate, request: Request, session: SessionDep, _admin: AdminTeam
+) -> TeamObject:
     with admin_errors():
         team = teams.set_quota(session, name, **body.model_dump(exclude_none=True))
+    # This process forgets the team's cached quotas at once; other API processes within
+    # TUNEPOOL_AUTH_CACHE_SECONDS (job creation re-reads them under the team lock anyway).
+    request.app.state.auth_cache.drop_team(team.id)
+    with admin_errors():
         return _team(session, team.name)
 
 
@@ -154,3 +165,33 @@ def remove_model(name: str, session: SessionDep, _admin: AdminTeam) -> ModelDele
     with admin_errors():
         teams.remove_model(session, name)
         return ModelDeleted(id=name)
+
+
+@router.get("/pools", response_model=PoolList, summary="List the pools jobs may name")
+def list_pools(session: SessionDep, _admin: AdminTeam) -> PoolList:
+    return PoolList(data=[pool_object(p) for p in pools.list_pools(session)])
+
+
+@router.post(
+    "/pools",
+    response_model=PoolObject,
+    summary="Declare a pool (or update its description); jobs may name only declared pools",
+)
+def add_pool(body: PoolCreate, session: SessionDep, _admin: AdminTeam) -> PoolObject:
+    with admin_errors():
+        name = pools.check_pool_name(body.name.strip())
+        pool = pools.declare_pool(session, name, "admin", body.description)
+        session.commit()
+        return pool_object(pool)
+
+
+@router.delete(
+    "/pools/{name}",
+    response_model=PoolDeleted,
+    summary="Forget a pool that no model and no unfinished job uses",
+    responses=error_responses(404, 409),
+)
+def remove_pool(name: str, session: SessionDep, _admin: AdminTeam) -> PoolDeleted:
+    with admin_errors():
+        pools.remove_pool(session, name)
+        return PoolDeleted(id=name)

@@ -35,6 +35,10 @@ FAST = {
     "TUNEPOOL_WEBHOOK_BACKOFF_MAX_S": "1",
     "TUNEPOOL_WEBHOOK_MAX_ATTEMPTS": "4",
     "TUNEPOOL_WEBHOOK_TIMEOUT_S": "3",
+    # The tests' receivers listen on loopback, which webhooks may not reach by default.
+    "TUNEPOOL_WEBHOOK_ALLOW_CIDRS": "127.0.0.0/8",
+    # Workers claim nothing on a disk with less free (1 GiB by default): a small CI disk still runs.
+    "TUNEPOOL_MIN_FREE_BYTES": str(64 * 1024**2),
 }
 TERMINAL = {"succeeded", "failed", "cancelled"}
 E2E_REDIS_DB = 13
@@ -136,7 +140,9 @@ def system(request: pytest.FixtureRequest, tmp_path: Path, tiny_base: Path) -> I
     backend: str = request.param
     if backend == "postgresql":
         flush_redis(E2E_REDIS_DB)
-    with running_stack(backend, tmp_path, FAST, redis_db=E2E_REDIS_DB) as stack:
+    # Models may be registered from the shared tiny model and from the test's own directory.
+    env = {**FAST, "TUNEPOOL_MODEL_ROOTS": f"{tiny_base},{tmp_path}"}
+    with running_stack(backend, tmp_path, env, redis_db=E2E_REDIS_DB) as stack:
         stack.add_model("tiny", str(tiny_base))
         system = System(stack, tmp_path, "tiny")
         try:

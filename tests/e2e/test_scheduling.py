@@ -233,6 +233,7 @@ def test_claim_order_priority_age_fair_share_weights_and_limits(system: System) 
 
     def jobs(team: TeamClient, pool: str, *priorities: int) -> list[str]:
         file_id = system.new_file(team, n=4)
+        system.stack.declare_pool(pool)
         return [system.submit(team, file_id, pool=pool, priority=p)["id"] for p in priorities]
 
     # Within a team: higher priority first, then older.
@@ -291,6 +292,7 @@ def test_one_worker_pool_teams_take_turns(system: System) -> None:
     a, b = system.team(), system.team()
     quota(system, a, max_running_jobs=100)
     a_file, b_file = system.new_file(a, n=4), system.new_file(b, n=4)
+    system.stack.declare_pool("one")
     a1, a2, a3 = (system.submit(a, a_file, pool="one")["id"] for _ in range(3))
     b1, b2 = (system.submit(b, b_file, pool="one")["id"] for _ in range(2))
     order = []

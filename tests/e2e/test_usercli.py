@@ -123,7 +123,10 @@ def test_upload_train_follow_and_resume_a_download(system: System, tmp_path: Pat
 
 def test_follow_a_failed_job_and_errors(system: System, tmp_path: Path) -> None:
     system.start_worker()
-    system.stack.add_model("broken", "/nonexistent")
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ this is not JSON")
+    system.stack.add_model("broken", str(broken))
     client = system.team()
     run = lambda *args: cli(system, client.key, tmp_path, *args)  # noqa: E731
     file_id = system.new_file(client, n=4)

@@ -1,6 +1,7 @@
 """Webhooks end to end: a loopback receiver gets one signed delivery per terminal event, from a real
-worker's maintenance thread; retries after 5xx; concurrent delivery loops never double-send; and a
-team sees only its own endpoints."""
+worker's delivery thread; retries after 5xx; concurrent delivery loops never double-send; a receiver
+that drips its answer delays neither the worker's heartbeats nor another team's deliveries; and a
+team sees only its own endpoints. (The stack allows loopback targets: TUNEPOOL_WEBHOOK_ALLOW_CIDRS.)"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +20,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import openai
+from sqlalchemy import update
 
 from service.jobs import set_status
-from service.models import Job, JobStatus
-from service.webhooks import deliver_due
+from service.models import Job, JobStatus, Team, Worker
+from service.webhook_sender import POLL_S, deliver_due
 from tests.e2e.conftest import System
 from tests.service.conftest import TeamClient
 
@@ -73,6 +76,55 @@ def receiver(codes: list[int] | None = None) -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class Drip:
+    url: str
+    connections: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+@contextmanager
+def dripping() -> Iterator[Drip]:
+    """A receiver that reads the request, then sends its status line and one header line a second,
+    for ever: every read succeeds within a per-read timeout, so only a deadline ends the send."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    state = Drip(f"http://127.0.0.1:{server.getsockname()[1]}/drip")
+
+    def drip(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                    data += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                n = 0
+                while not state.stop.wait(1.0):
+                    n += 1
+                    conn.sendall(f"x-drip-{n}: still here\r\n".encode())
+            except OSError:
+                return  # the sender gave up and closed
+
+    def serve() -> None:
+        while not state.stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            state.connections += 1
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        state.stop.set()
+        thread.join(5)
+        server.close()
 
 
 def register(client: TeamClient, url: str, events: list[str] | None = None) -> dict[str, Any]:
@@ -201,3 +253,52 @@ def test_endpoints_belong_to_their_team(system: System) -> None:
         "deleted": True,
     }
     assert alice.get("/v1/webhooks").json()["data"] == []
+
+
+def test_a_dripping_receiver_delays_no_heartbeat_and_no_other_team(system: System) -> None:
+    """Team A's receiver drips its answer; A has a dozen deliveries due, more than its share of the
+    worker's send slots. The worker's heartbeat stays fresh (read from the registry at every
+    heartbeat interval) and team B's delivery arrives within one heartbeat of an undisturbed one."""
+    settings = system.stack.settings
+    alice, bob = system.team(), system.team()
+    with dripping() as drip, receiver() as hook:
+        slow = register(alice, drip.url)
+        register(bob, hook.url)
+        file_id = system.new_file(alice)
+        for _ in range(settings.webhook_team_concurrency + 4):  # cancelled while queued: one delivery each
+            job = system.submit(alice, file_id)
+            assert alice.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+        bob_job = system.submit(bob)
+        with system.stack.db.session() as session:  # B's job stays queued: its cancel is immediate
+            session.execute(update(Team).where(Team.id == bob.team_id).values(max_running_jobs=0))
+            session.commit()
+        system.start_worker()
+        deadline = time.monotonic() + 60
+        while drip.connections < settings.webhook_team_concurrency:  # A's sends are under way
+            assert time.monotonic() < deadline, system.worker_logs()
+            time.sleep(0.1)
+
+        staleness = []
+        cancelled_at = received_after = None
+        observe_until = time.monotonic() + 4 * settings.webhook_timeout_s  # several of A's deadlines
+        while time.monotonic() < observe_until:
+            with system.stack.db.session() as session:
+                beats = session.query(Worker.last_heartbeat_at).all()
+            assert len(beats) == 1, beats
+            staleness.append(time.time() - beats[0][0])
+            if cancelled_at is None and time.monotonic() > observe_until - 2 * settings.webhook_timeout_s:
+                assert bob.post(f"/v1/fine_tuning/jobs/{bob_job['id']}/cancel").status_code == 200
+                cancelled_at = time.monotonic()
+            if cancelled_at is not None and received_after is None and hook.received:
+                received_after = time.monotonic() - cancelled_at
+            time.sleep(settings.heartbeat_s / 4)
+
+        heartbeat = settings.heartbeat_s
+        # A beat is due every heartbeat_s: a reading older than two means one was delayed by more than one.
+        assert max(staleness) < 2 * heartbeat + 0.5, (max(staleness), system.worker_logs())
+        # Undisturbed, a delivery waits at most one poll of the loop (POLL_S) before it is sent.
+        assert received_after is not None and received_after < POLL_S + heartbeat + 0.5, received_after
+        assert hook.bodies()[0]["data"] == {"id": bob_job["id"]}
+        assert drip.connections > settings.webhook_team_concurrency  # cut at the deadline, then retried
+        timed_out = [d for d in deliveries(alice, slow["id"]) if d["attempts"] >= 1 and d["last_error"]]
+        assert timed_out and all(d["last_error"].startswith("timeout: ") for d in timed_out), timed_out

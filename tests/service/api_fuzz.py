@@ -75,7 +75,7 @@ def seed_targets(stack: Stack) -> FuzzTargets:
     team = stack.team(name="fuzz-team")
     admin = stack.team(admin=True, name="fuzz-admin")
     victim = stack.team(name="fuzz-victim")
-    stack.add_model("fuzz-spare-model", "/models/spare")
+    stack.add_model("fuzz-spare-model", stack.model_dir("spare"))
     file_id = new_file(team)
     job = new_job(stack, team, file_id, suffix="fuzz")
     queued = new_job(stack, team, file_id)

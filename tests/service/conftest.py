@@ -74,6 +74,23 @@ class Stack:
             team, key = create_team(session, self.settings, name, admin=admin)
         return TeamClient(self.client(key), key, team.id, name)
 
+    def model_dir(self, name: str) -> str:
+        """A model directory under the stack's model root (<home>/models): enough to register a model
+        that no test of the API ever loads."""
+        path = self.settings.home / "models" / name
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")
+        return str(path)
+
+    def declare_pool(self, name: str) -> str:
+        """A pool jobs may name (as `tunepool admin add-pool` declares it)."""
+        from service.pools import declare_pool
+
+        with self.db.session() as session:
+            declare_pool(session, name, "admin")
+            session.commit()
+        return name
+
     def add_model(self, name: str, source: str, pool: str | None = None) -> None:
         with self.db.session() as session:
             add_model(session, self.settings, name, source, pool)
@@ -111,7 +128,11 @@ def start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Pope
 
 @contextmanager
 def running_stack(
-    backend: str, home: Path, extra_env: dict[str, str] | None = None, redis_db: int = 15
+    backend: str,
+    home: Path,
+    extra_env: dict[str, str] | None = None,
+    redis_db: int = 15,
+    pg_port: int = 5432,  # another PostgreSQL server (test_outages.py stops a private one)
 ) -> Iterator[Stack]:
     """Migrate a fresh database (a SQLite file, or a new PostgreSQL database dropped at the end) and
     serve the API on it as a separate process; `extra_env` adds TUNEPOOL_* settings."""
@@ -120,9 +141,9 @@ def running_stack(
         import psycopg
 
         pg_name = f"tunepool_test_{secrets.token_hex(4)}"
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        with psycopg.connect(PG_ADMIN_DSN.replace(":5432/", f":{pg_port}/"), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {pg_name}")
-        database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
+        database_url = f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/{pg_name}"
         broker_url = f"redis://127.0.0.1:6379/{redis_db}"
     else:
         database_url = f"sqlite:///{home / 'tunepool.db'}"
@@ -166,7 +187,7 @@ def running_stack(
         if pg_name is not None:
             import psycopg
 
-            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            with psycopg.connect(PG_ADMIN_DSN.replace(":5432/", f":{pg_port}/"), autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE IF EXISTS {pg_name} WITH (FORCE)")
 
 

@@ -13,7 +13,7 @@ MODEL = "tiny-test-model"
 
 
 def ensure_model(stack: Stack) -> str:
-    stack.add_model(MODEL, "/models/tiny")  # idempotent: re-registering updates the source
+    stack.add_model(MODEL, stack.model_dir("tiny"))  # idempotent: re-registering updates the source
     return MODEL
 
 

@@ -201,18 +201,21 @@ def test_quota_validation_names_the_param(stack: Stack, body: dict[str, Any], pa
 def test_model_registry(stack: Stack) -> None:
     admin, user = stack.team(admin=True), stack.team()
     name = unique("org/base")  # hub-style names have a slash
-    added = admin.post("/v1/admin/models", json={"name": name, "source": "/models/base", "pool": "gpu-a"})
+    base, base_v2 = stack.model_dir(unique("base")), stack.model_dir(unique("base-v2"))
+    added = admin.post("/v1/admin/models", json={"name": name, "source": base, "pool": "gpu-a"})
     assert added.status_code == 200, added.text
     assert added.json() | {"created": 0} == {
-        "id": name, "object": "model", "created": 0, "owned_by": "tunepool", "source": "/models/base",
+        "id": name, "object": "model", "created": 0, "owned_by": "tunepool", "source": base,
         "pool": "gpu-a",
     }  # fmt: skip
     assert name in [m["id"] for m in user.get("/v1/models").json()["data"]]
     registry = {m["id"]: m for m in admin.get("/v1/admin/models").json()["data"]}
-    assert registry[name]["source"] == "/models/base"
+    assert registry[name]["source"] == base
+    # Registering a model in a pool declares the pool.
+    assert "gpu-a" in [p["id"] for p in admin.get("/v1/admin/pools").json()["data"]]
 
-    updated = admin.post("/v1/admin/models", json={"name": name, "source": "/models/base-v2"}).json()
-    assert updated["source"] == "/models/base-v2" and updated["pool"] == "gpu-a"
+    updated = admin.post("/v1/admin/models", json={"name": name, "source": base_v2}).json()
+    assert updated["source"] == base_v2 and updated["pool"] == "gpu-a"
 
     deleted = admin.delete(f"/v1/admin/models/{name}")
     assert deleted.status_code == 200 and deleted.json() == {"id": name, "object": "model", "deleted": True}
@@ -221,8 +224,9 @@ def test_model_registry(stack: Stack) -> None:
 
 
 def test_model_default_pool(stack: Stack) -> None:
-    body = stack.team(admin=True).post("/v1/admin/models", json={"name": unique("m"), "source": "/m"}).json()
-    assert body["pool"] == stack.settings.default_pool
+    body = {"name": unique("m"), "source": stack.model_dir("m")}
+    added = stack.team(admin=True).post("/v1/admin/models", json=body).json()
+    assert added["pool"] == stack.settings.default_pool
 
 
 @pytest.mark.parametrize(

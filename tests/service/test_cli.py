@@ -133,12 +133,14 @@ def test_list_teams_table(stack: Stack) -> None:
 def test_add_model(stack: Stack) -> None:
     name = unique("org/cli-model")
     user = stack.team()
-    assert "gpu-b" in ok(stack.env, "admin", "add-model", name, "/models/x", "--pool", "gpu-b")
+    source = stack.model_dir("x")
+    assert "gpu-b" in ok(stack.env, "admin", "add-model", name, source, "--pool", "gpu-b")
     assert name in [m["id"] for m in user.get("/v1/models").json()["data"]]
     models = {m["id"]: m for m in json.loads(ok(stack.env, "admin", "list-models", "--json"))}
-    assert models[name]["source"] == "/models/x" and models[name]["pool"] == "gpu-b"
+    assert models[name]["source"] == source and models[name]["pool"] == "gpu-b"
+    assert "not under a model root" in refused(stack.env, "admin", "add-model", unique("m"), "/etc/passwd")
     assert name in ok(stack.env, "admin", "list-models")
-    assert "pool" in refused(stack.env, "admin", "add-model", unique("m"), "/m", "--pool", "Not A Pool")
+    assert "pool" in refused(stack.env, "admin", "add-model", unique("m"), source, "--pool", "Not A Pool")
 
     ok(stack.env, "admin", "remove-model", name)
     assert name not in [m["id"] for m in user.get("/v1/models").json()["data"]]

@@ -22,6 +22,7 @@ from fastapi.routing import iter_route_contexts
 from service.api.ui import COOKIE, csrf_token
 from service.main import create_app
 from service.models import WebhookDelivery
+from service.pools import declare_pool
 from service.settings import load_settings
 from tests.service.conftest import Stack
 from tests.service.helpers import MODEL, add_checkpoint, add_metrics, new_file, new_job, set_job
@@ -97,6 +98,7 @@ MATRIX = [
     Probe("GET /v1/models/{model_id:path}", "/v1/models/{model}"),
     Probe(f"DELETE {W}/{{webhook_id}}", f"{W}/{{webhook}}"),
     Probe(f"GET {W}/{{webhook_id}}/deliveries", f"{W}/{{webhook}}/deliveries"),
+    Probe(f"POST {W}/{{webhook_id}}/rotate_secret", f"{W}/{{webhook}}/rotate_secret"),
     Probe(f"GET {W}/{{webhook_id}}/deliveries", f"{W}/{{own_webhook}}/deliveries?after={{delivery}}"),
     # Admin routes take names, not ids, and manage every team: a team's own key gets the same 403
     # for a team, key or model that exists as for one that does not (no existence oracle).
@@ -108,6 +110,7 @@ MATRIX = [
     Probe(f"POST {A}/teams/{{name}}/keys", f"{A}/teams/{{team}}/keys", denied=403),
     Probe(f"POST {A}/keys/{{prefix}}/revoke", f"{A}/keys/{{prefix}}/revoke", denied=403),
     Probe(f"DELETE {A}/models/{{name:path}}", f"{A}/models/{{base}}", denied=403),
+    Probe(f"DELETE {A}/pools/{{name}}", f"{A}/pools/{{pool}}", denied=403),
     # The dashboard signs in with a cookie; its pages and its JSON answer the same way.
     Probe(f"GET {U}/{{job_id}}", f"{U}/{{job}}", via="ui"),
     Probe(f"GET {U}/{{job_id}}/data", f"{U}/{{job}}/data", via="ui"),
@@ -135,9 +138,12 @@ FAKE = {
     "team": "team-nobody",
     "prefix": "tp-XXXXXXXX",
     "base": "no-such-model",
+    "pool": "no-such-pool",
 }
 # Swapped in this order: the model name contains the job id and the team name.
-SWAP_ORDER = ("model", "ckpt", "event", "delivery", "file", "job", "webhook", "team", "prefix", "base")
+SWAP_ORDER = (
+    "model", "ckpt", "event", "delivery", "file", "job", "webhook", "team", "prefix", "base", "pool"
+)  # fmt: skip
 
 
 def test_every_id_taking_route_is_in_the_matrix() -> None:
@@ -177,12 +183,16 @@ def world(stack: Stack) -> tuple[dict[str, str], dict[str, Any]]:
         session.add(delivery)
         session.commit()
         delivery_id = delivery.id
-    base = f"iso-{secrets.token_hex(4)}"
-    stack.add_model(base, "/models/tiny")
+    base, pool = f"iso-{secrets.token_hex(4)}", f"iso-{secrets.token_hex(4)}"
+    stack.add_model(base, stack.model_dir("tiny"))
+    with stack.db.session() as session:
+        declare_pool(session, pool, "admin")  # no model, no job: an admin may remove it
+        session.commit()
     own_file = new_file(b)
     ids = {
         "file": file_id, "job": job["id"], "ckpt": ckpt, "event": event, "model": model,
         "webhook": webhook, "delivery": delivery_id, "team": a.name, "prefix": a.key[:11], "base": base,
+        "pool": pool,
         "own_job": new_job(stack, b, own_file)["id"], "own_file": own_file,
         "own_webhook": b.post(W, json={"url": "https://example.invalid/b"}).json()["id"],
     }  # fmt: skip

@@ -161,7 +161,8 @@ def test_cancel_queued_running_and_finished(stack: Stack) -> None:
 
 def test_queue_position_follows_priority_then_age(stack: Stack) -> None:
     client = stack.team()
-    pool = f"p{free_port()}"
+    pool = stack.declare_pool(f"p{free_port()}")
+    stack.declare_pool(f"{pool}-b")
     file_id = new_file(client)
     first = new_job(stack, client, file_id, pool=pool)
     second = new_job(stack, client, file_id, pool=pool)

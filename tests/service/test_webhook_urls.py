@@ -1,16 +1,22 @@
 """Webhook URLs that no delivery could be sent to (found by bench/fuzz_api.py).
 
 The API took any string starting with http(s)://, and httpx raises InvalidURL (not an HTTPError)
-for some of them: in service/webhooks.py that escaped `_send`, ended `deliver_due` before it
+for some of them: in service/webhooks.py that escaped the send, ended `deliver_due` before it
 recorded any result of its batch, and so every round re-sent the other endpoints' deliveries too.
+(Addresses webhooks may not reach: tests/service/test_webhook_policy.py.)
 """
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+from pathlib import Path
+
 import pytest
 
-from service.webhooks import _Claimed, _send
+from service.netguard import TargetPolicy, system_resolver
+from service.settings import load_settings
+from service.webhook_delivery import Claimed, Result
+from service.webhook_sender import make_client, send_one
 from tests.service.conftest import Stack
 
 UNSENDABLE = [
@@ -32,16 +38,21 @@ def test_the_api_refuses_a_url_no_delivery_could_use(stack: Stack, url: str) -> 
 
 def test_a_sendable_url_is_still_accepted(stack: Stack) -> None:
     team = stack.team()
-    response = team.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+    response = team.post("/v1/webhooks", json={"url": "http://93.184.215.14:9/hook"})
     assert response.status_code == 200, response.text
 
 
-def test_a_stored_unparseable_url_fails_its_own_delivery_only() -> None:
+def test_a_stored_unparseable_url_fails_its_own_delivery_only(tmp_path: Path) -> None:
     """A row stored before the API checked (or written by hand) is one failed attempt, not an error
     that ends the whole batch."""
-    item = _Claimed("whdel_1", 1, "evt_1", '{"id": "evt_1"}', UNSENDABLE[0], "whsec_" + "A" * 44)
-    with httpx.Client(timeout=1) as client:
-        result = _send(client, item)
+    item = Claimed("whdel_1", 1, "team", "evt_1", '{"id": "evt_1"}', UNSENDABLE[0], ["whsec_" + "A" * 44])
+    settings = load_settings(home=tmp_path, webhook_timeout_s=1)
+
+    async def send() -> Result:
+        async with make_client(settings) as client:
+            return await send_one(client, item, settings, TargetPolicy(), system_resolver)
+
+    result = asyncio.run(send())
     assert not result.ok
     assert result.code is None
     assert result.error is not None and result.error.startswith("InvalidURL")

@@ -3,6 +3,9 @@
 The worker (issue #4) tails metrics.jsonl and events.jsonl while the run goes on, so rows are
 appended one whole line at a time and flushed. On resume, rows of steps after the checkpoint
 are cut off: they are computed again, and the file ends up as if the run had never stopped.
+
+A kill or a full disk can leave a last line cut short (no newline). Opening a log drops it, so
+that the next row does not get glued to it, and reading skips any line that does not parse.
 """
 
 from __future__ import annotations
@@ -32,6 +35,33 @@ class JsonlLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.repair()
+
+    def repair(self) -> bool:
+        """Cut a last line left without its newline (a write that a kill or a full disk stopped
+        halfway); True if there was one. Shrinks the file in place: needs no free space."""
+        try:
+            f = self.path.open("rb+")
+        except FileNotFoundError:
+            return False
+        with f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return False
+            end = size - 1
+            while end > 0:  # back to the last newline, a block at a time
+                start = max(0, end - 65536)
+                f.seek(start)
+                at = f.read(end - start).rfind(b"\n")
+                if at >= 0:
+                    end = start + at + 1
+                    break
+                end = start
+            f.truncate(end)
+            return True
 
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps({k: _clean(v) for k, v in row.items()}, allow_nan=False)
@@ -47,16 +77,19 @@ class JsonlLog:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                break  # a line cut short by a kill: it and anything after are dropped
+                continue  # a line cut short by a kill or a full disk
         return rows
 
     def truncate_after_step(self, step: int) -> None:
         """Keep only rows with `step` <= step (rows without a step are kept), atomically."""
         rows = [r for r in self.read() if int(r.get("step", 0)) <= step]
         tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, self.path)
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # gone after the replace; a half-written copy otherwise
 
 
 class RunLog:
