@@ -129,7 +129,10 @@ def api(
         factory=True,
         host=host or settings.api_host,
         port=port or settings.api_port,
-        http=protocol_class(),  # httptools, with a limit on the size of a request's headers
+        # httptools, with limits on the size of a request's head and on slow or stalled clients
+        http=protocol_class(settings),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn: int, takes float
+        limit_concurrency=settings.max_connections,  # 503 past it: connections + running requests
         log_level="info",
         access_log=False,  # request lines would carry nothing secret, but keep the log about the service
     )
@@ -300,7 +303,9 @@ def list_teams_cmd(as_json: bool = JSON_OPTION) -> None:
 @admin.command("add-model")
 def add_model_cmd(
     name: str = typer.Argument(help="what a job's `model` will name"),
-    source: str = typer.Argument(help="a model directory, a hub id or a .gguf path, as workers see it"),
+    source: str = typer.Argument(
+        help="absolute path of a model directory or .gguf file under TUNEPOOL_MODEL_ROOTS, as workers see it"
+    ),
     pool: str | None = typer.Option(None, help="the pool its jobs go to (default: TUNEPOOL_DEFAULT_POOL)"),
 ) -> None:
     """Register a base model (or update the source and pool of a registered one)."""
@@ -334,6 +339,52 @@ def list_models_cmd(as_json: bool = JSON_OPTION) -> None:
     from service.cli_tables import models_table
 
     models_table(models)
+
+
+@admin.command("add-pool")
+def add_pool_cmd(
+    name: str = typer.Argument(help="the pool's name: a-z 0-9 _ -"),
+    description: str | None = typer.Option(None, help="what the pool's nodes are"),
+) -> None:
+    """Declare a pool jobs may name (or update its description). Registering a model in a pool
+    and starting a worker with --pool declare it too."""
+    from service.pools import PoolError, check_pool_name, declare_pool
+
+    with admin_session() as (_, session):
+        try:
+            pool = declare_pool(session, check_pool_name(name.strip()), "admin", description)
+        except PoolError as err:
+            fail(str(err))
+        session.commit()
+    typer.echo(f"declared pool {pool.name}")
+
+
+@admin.command("remove-pool")
+def remove_pool_cmd(name: str) -> None:
+    """Forget a pool that no registered model and no unfinished job uses."""
+    from service.pools import PoolError, remove_pool
+
+    with admin_session() as (_, session):
+        try:
+            remove_pool(session, name)
+        except PoolError as err:
+            fail(str(err))
+    typer.echo(f"removed pool {name}")
+
+
+@admin.command("list-pools")
+def list_pools_cmd(as_json: bool = JSON_OPTION) -> None:
+    """List the pools jobs may name."""
+    from service.admin_schemas import pool_object
+    from service.pools import list_pools
+
+    with admin_session() as (_, session):
+        pools = [pool_object(p) for p in list_pools(session)]
+    if as_json:
+        return _print_json([p.model_dump() for p in pools])
+    from service.cli_tables import pools_table
+
+    pools_table(pools)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import sqlite3
+import time
 from collections import namedtuple
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -11,6 +15,8 @@ from typing import Any, cast
 
 import orjson
 from sqlalchemy import CursorResult, Engine, Select, create_engine, event, update
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -27,14 +33,50 @@ def _sqlite_path(url: str) -> str:
     return url.split("///", 1)[1] if "///" in url else ""
 
 
-def _add_sqlite_pragmas(engine: Engine) -> None:
+# The drivers' own errors: FastRead raises them unwrapped.
+DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+with contextlib.suppress(ImportError):
+    import psycopg
+
+    DRIVER_ERRORS += (psycopg.Error,)
+
+
+class DatabaseBusy(Exception):
+    """No pooled connection became free within db_acquire_timeout_s (answered 503 database_busy)."""
+
+
+class Slots(asyncio.Semaphore):
+    """A FIFO semaphore whose `async with` waits at most `timeout_s`, then raises DatabaseBusy: a
+    request never queues longer for a connection than a client would wait for its answer."""
+
+    def __init__(self, value: int, timeout_s: float) -> None:
+        super().__init__(value)
+        self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> None:
+        if not self.locked():  # a free permit and nobody queued: no timer to arm (the job poll's path)
+            await self.acquire()
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.acquire()  # cancellation-safe: a permit granted as the timeout fires goes back
+        except TimeoutError:
+            raise DatabaseBusy(
+                f"no database connection became free within {self.timeout_s:g} s "
+                "(TUNEPOOL_DB_ACQUIRE_TIMEOUT_S)"
+            ) from None
+
+
+def _add_sqlite_pragmas(engine: Engine, busy_timeout_s: float) -> None:
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
         cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        # How long a statement waits for another writer's lock before "database is locked" (a 503
+        # database_busy): bounded well below what a client waits for an answer.
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 
 
@@ -42,12 +84,16 @@ def _engine_options(settings: Settings) -> dict[str, Any]:
     # A fixed set of connections: no overflow, since an overflow connection is closed when it is
     # returned and the next burst opens (forks, on PostgreSQL) a new one: under steady load that
     # churn cost more CPU than the queries. Requests wait for a connection instead (see `slots`).
-    # No pre-ping (a round trip per checkout); connections are recycled instead, and a dead one
-    # fails one request, which the client retries.
+    # No pre-ping (a round trip per checkout): after a disconnect every older pooled connection is
+    # replaced at its next checkout instead (`Database._track_staleness`), so a database restart costs
+    # at most the request that found it, which answers 503 with Retry-After.
     options: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": 0,
         "pool_recycle": 1800,
+        # Code outside the request slots (the metrics collector, background work) can still find the
+        # pool empty: its wait is bounded too (sqlalchemy.exc.TimeoutError, a 503 database_busy).
+        "pool_timeout": settings.db_acquire_timeout_s,
         # JSON columns (method, hyperparameters, metadata, error) decode in every job read:
         # orjson is several times faster than the standard library there.
         "json_deserializer": orjson.loads,
@@ -56,7 +102,10 @@ def _engine_options(settings: Settings) -> dict[str, Any]:
         "hide_parameters": True,
     }
     if settings.is_sqlite:
-        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        options["connect_args"] = {"check_same_thread": False, "timeout": settings.db_timeout_s}
+    else:
+        # libpq waits for an unreachable server for ever by default; whole seconds, at least 2.
+        options["connect_args"] = {"connect_timeout": max(2, math.ceil(settings.db_timeout_s))}
     return options
 
 
@@ -68,7 +117,7 @@ def make_engine(settings: Settings) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, **_engine_options(settings))
     if settings.is_sqlite:
-        _add_sqlite_pragmas(engine)
+        _add_sqlite_pragmas(engine, settings.db_timeout_s)
     return engine
 
 
@@ -86,7 +135,7 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
         url, isolation_level="AUTOCOMMIT", pool_reset_on_return=None, **_engine_options(settings)
     )
     if settings.is_sqlite:
-        _add_sqlite_pragmas(engine.sync_engine)
+        _add_sqlite_pragmas(engine.sync_engine, settings.db_timeout_s)
     return engine
 
 
@@ -99,6 +148,11 @@ class Database:
     for a thread (a deadlock seen at 128 concurrent clients). `read_slots` (async connections):
     the async pool's own queue lets a newcomer take a connection that a waiter was woken for, and
     under load a few requests starved for a second while the rest went by (p99 150 ms, max 1 s).
+    Both waits are bounded (db_acquire_timeout_s, then DatabaseBusy).
+
+    A disconnect seen on either engine (the server restarted or went away) marks every connection
+    then pooled, in both pools, as stale: each is replaced at its next checkout, so the requests
+    after an outage find fresh connections instead of failing one by one on the dead ones.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -107,8 +161,29 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._async_engine: AsyncEngine | None = None
         self._async_sessions: async_sessionmaker[AsyncSession] | None = None
-        self.slots = asyncio.Semaphore(settings.db_pool_size)
-        self.read_slots = asyncio.Semaphore(settings.db_pool_size)
+        self.slots = Slots(settings.db_pool_size, settings.db_acquire_timeout_s)
+        self.read_slots = Slots(settings.db_pool_size, settings.db_acquire_timeout_s)
+        self._stale_before = 0.0  # time.monotonic(): pooled connections opened before it are replaced
+        self._track_staleness(self.engine)
+
+    def mark_stale(self) -> None:
+        """Every connection pooled now is dead or suspect: replace each at its next checkout."""
+        self._stale_before = time.monotonic()
+
+    def _track_staleness(self, engine: Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _opened(_dbapi_conn: Any, record: Any) -> None:
+            record.info["opened_at"] = time.monotonic()
+
+        @event.listens_for(engine, "checkout")
+        def _replace_stale(_dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+            if record.info.get("opened_at", 0.0) < self._stale_before:
+                raise DisconnectionError("opened before the database was last seen disconnected")
+
+        @event.listens_for(engine, "handle_error")
+        def _disconnected(context: ExceptionContext) -> None:
+            if context.is_disconnect:
+                self.mark_stale()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -119,6 +194,7 @@ class Database:
         # Created on first use, inside the event loop that will use it.
         if self._async_engine is None or self._async_sessions is None:
             self._async_engine = make_async_engine(self.settings)
+            self._track_staleness(self._async_engine.sync_engine)
             self._async_sessions = async_sessionmaker(self._async_engine, expire_on_commit=False)
         return self._async_engine, self._async_sessions
 
@@ -133,7 +209,16 @@ class Database:
         """A Core connection of the async engine, for reads: rows, not ORM objects, and no session
         to build and tear down (the job poll's hot path)."""
         async with self.read_slots, self._async()[0].connect() as conn:
-            yield conn
+            try:
+                yield conn
+            except DRIVER_ERRORS:
+                # FastRead runs on the driver's connection, where SQLAlchemy's disconnect handling
+                # never sees its errors: a connection the server dropped would go back to the pool
+                # and fail every request that drew it. Drop it, and the pool's other old ones.
+                if await _driver_broken(conn):
+                    self.mark_stale()
+                    await conn.invalidate()
+                raise
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -141,6 +226,14 @@ class Database:
     async def dispose_async(self) -> None:
         if self._async_engine is not None:
             await self._async_engine.dispose()
+
+
+async def _driver_broken(conn: AsyncConnection) -> bool:
+    """Whether the driver connection under `conn` is closed or broken (psycopg knows it locally)."""
+    if conn.closed or conn.invalidated:
+        return False  # nothing of ours left to drop
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    return bool(getattr(driver, "broken", False) or getattr(driver, "closed", False))
 
 
 class FastRead:

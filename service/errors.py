@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import redact_keys
 from service.schemas import ErrorBody
@@ -50,7 +51,8 @@ _MEANINGS = {
     415: "The body's Content-Type is not the one this operation takes",
     416: "The Range starts at or past the end",
     429: "Too many requests: a team quota, or too many bad keys from this address",
-    503: "Not ready",
+    503: "Not ready, or the database or artifact storage is unavailable or busy (see Retry-After)",
+    507: "The artifact storage is full",
 }
 # Every route that takes a key can answer these: a missing or bad key, and (service/ratelimit.py)
 # a 429 once one address has sent too many bad keys.
@@ -262,6 +264,45 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(data_error, _unstorable)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)  # the trace goes to the log, never to the client
-        return error_response(500, "The server had an error processing the request", code="internal_error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return unexpected_error(request, exc)
+
+
+def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """The 500 for an exception no handler expected: logged with its trace, never shown to the client."""
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "The server had an error processing the request", code="internal_error")
+
+
+class KeepConnection:
+    """The outermost ASGI layer (TunepoolAPI.build_middleware_stack): an error answered in full never
+    costs the client its connection.
+
+    Starlette's ServerErrorMiddleware answers an exception no handler took with the `Exception`
+    handler's 500 (`unexpected_error`, which logs it), then raises it again "so that servers can log
+    it"; uvicorn then logs "Exception in ASGI application" and closes the connection, although a
+    complete answer went out, and the client's next keep-alive request fails too. Here an exception
+    that arrives after a complete response is dropped. One that cut a response short (a streamed
+    download whose disk failed) is raised on: closing is then the only way to tell the client.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal complete
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            if not complete:
+                raise

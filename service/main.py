@@ -12,14 +12,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from service import metrics
 from service.api import admin, checkpoints, files, health, jobs, models, ui, webhooks
 from service.auth import AuthCache
 from service.db import Database
-from service.errors import install_error_handlers
+from service.errors import KeepConnection, install_error_handlers
 from service.http_protocol import RequestBodyLimit
+from service.outages import install_outage_handlers
 from service.ratelimit import FailureLimiter
+from service.security_headers import SecurityHeaders
 from service.settings import Settings, get_settings
 from service.storage import Storage
 
@@ -27,6 +30,15 @@ DESCRIPTION = """Self-hosted fine-tuning with Dynamic Fine-Tuning (DFT) or plain
 
 Authenticate with `Authorization: Bearer <key>` (`tunepool admin create-team NAME` prints one).
 `method: {"type": "dft"}` trains with DFT, `{"type": "supervised"}` with SFT."""
+
+
+class TunepoolAPI(FastAPI):
+    """FastAPI with two layers outside even Starlette's ServerErrorMiddleware, so that they hold for
+    every response, its 500s included: the security headers, and KeepConnection (service/errors.py),
+    which keeps the connection of a client whose request failed but was answered."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return KeepConnection(SecurityHeaders(super().build_middleware_stack()))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -43,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.db.dispose_async()
         app.state.db.dispose()
 
-    app = FastAPI(
+    app = TunepoolAPI(
         title="tunepool",
         version="0.1.0",
         description=DESCRIPTION,
@@ -59,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
     app.state.auth_failures = FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_s)
     install_error_handlers(app)
+    install_outage_handlers(app)  # database and storage failures: 503/507 with Retry-After
     # Routes match in this order: the job poll, the most frequent request by far, comes first.
     for module in (jobs, checkpoints, files, models, health, admin, webhooks):
         app.include_router(module.router)

@@ -1,4 +1,9 @@
-"""Prometheus metrics: `GET /metrics` (no auth), text format.
+"""Prometheus metrics: `GET /metrics`, text format.
+
+Access: with TUNEPOOL_METRICS_TOKEN set, a scrape must send `Authorization: Bearer <token>` (401
+otherwise, before anything is read); unset, /metrics is open to whoever reaches the port, and its
+series name every team (`tunepool_jobs{team=...}`). Prometheus sends the token with
+`authorization: {credentials: ...}` (or `bearer_token`) in the scrape config.
 
 Two kinds of series:
 - Computed from the database when scraped (`DatabaseCollector`), so every API replica answers the
@@ -18,11 +23,12 @@ Two kinds of series:
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -31,6 +37,8 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db import Database
+from service.errors import APIError, error_responses
+from service.event_hub import EventStreamGauges
 from service.models import Job, Team, WebhookDelivery, Worker
 from service.settings import Settings
 
@@ -182,7 +190,29 @@ class RequestLatency:
             child.observe(time.perf_counter() - start)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
+async def require_scrape_token(request: Request) -> None:
+    """401 unless the request carries the configured scrape token (none configured: open)."""
+    settings: Settings = request.app.state.settings
+    if not settings.metrics_token:
+        return
+    expected = f"Bearer {settings.metrics_token}".encode()
+    # Constant time: how much of a guess matched must not show in how long the answer takes.
+    if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        raise APIError(
+            401,
+            "GET /metrics needs 'Authorization: Bearer <TUNEPOOL_METRICS_TOKEN>'",
+            code="invalid_metrics_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text format); a bearer token when TUNEPOOL_METRICS_TOKEN is set",
+    response_class=Response,
+    dependencies=[Depends(require_scrape_token)],
+    responses=error_responses(401),
+)
 def metrics(request: Request) -> Response:
     registry: CollectorRegistry = request.app.state.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -192,6 +222,7 @@ def install(app: FastAPI, db: Database, settings: Settings) -> None:
     """`GET /metrics` and the latency middleware, on a registry of this app's own."""
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(db, settings))
+    registry.register(EventStreamGauges(app))  # this process's event streams and their pollers
     latency = Histogram(
         "tunepool_http_request_duration_seconds",
         "API request latency, by method, route template and status class",

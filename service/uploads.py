@@ -19,6 +19,8 @@ import hashlib
 import os
 import re
 import unicodedata
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -291,22 +293,23 @@ def store_upload(session: Session, storage: Storage, team_id: str, upload: Recei
     return file
 
 
+# A sync session with its database slot, for one block: `async with sessions() as session:`.
+SessionScope = Callable[[], AbstractAsyncContextManager[Session]]
+
+
 async def receive_and_store(
-    request: Request, session: Session, team: Team, settings: Settings, storage: Storage
+    request: Request, sessions: SessionScope, team: Team, settings: Settings, storage: Storage
 ) -> File:
-    """The whole upload: refuse early what can be refused from the headers, stream, validate, store."""
+    """The whole upload: refuse early what can be refused from the headers, stream, validate, store.
+
+    A database slot (and connection) is held only for the quota read before the body and for the
+    commit after it: while the body streams in, for as long as the client takes, it holds none."""
     boundary = multipart_boundary(request.headers.get("content-type"))
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_upload_bytes + FRAMING_SLACK:
         raise file_too_large(settings.max_upload_bytes)
-
-    def used_then_release() -> int:
-        try:
-            return storage_used(session, team.id)
-        finally:
-            session.close()  # hand the connection back while the body streams in (minutes, maybe)
-
-    quota_left = team.max_storage_bytes - await run_in_threadpool(used_then_release)
+    async with sessions() as session:
+        quota_left = team.max_storage_bytes - await run_in_threadpool(storage_used, session, team.id)
     if declared.isdigit() and int(declared) > quota_left + FRAMING_SLACK:
         raise quota_exceeded(quota_left, team.max_storage_bytes)
     receiver = MultipartUpload(boundary, storage.temp_path(), settings, quota_left, team.max_storage_bytes)
@@ -325,7 +328,8 @@ async def receive_and_store(
         if batch:
             await run_in_threadpool(receiver.write, b"".join(batch))
         upload = await run_in_threadpool(receiver.finish)
-        return await run_in_threadpool(store_upload, session, storage, team.id, upload)
+        async with sessions() as session:
+            return await run_in_threadpool(store_upload, session, storage, team.id, upload)
     except ClientDisconnect:
         raise APIError(400, "The client disconnected during the upload", code="upload_incomplete") from None
     finally:

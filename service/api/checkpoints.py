@@ -7,10 +7,11 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Row, select
 
+from service import team_limits
 from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, StorageDep
 from service.api.jobs import Limit, cursor_pk, json_response, own_job, own_job_id
 from service.archive import DirectoryArchive
@@ -81,6 +82,7 @@ async def list_checkpoints(
     },
 )
 def checkpoint_content(
+    request: Request,
     fine_tuning_job_id: str,
     checkpoint_id: str,
     session: SessionDep,
@@ -88,32 +90,35 @@ def checkpoint_content(
     storage: StorageDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> StreamingResponse:
-    job = own_job(session, team, fine_tuning_job_id)
-    checkpoint = session.scalar(
-        select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
-    )
-    if checkpoint is None:
-        raise not_found("checkpoint", checkpoint_id, "checkpoint_id")
-    directory = storage.path(checkpoint.storage_path)
-    if not directory.is_dir():
-        raise APIError(410, f"Checkpoint {checkpoint_id} is no longer stored", code="checkpoint_gone")
-    # The model, without the optimizer state kept for resuming (twice the model's size).
-    archive = DirectoryArchive(directory, f"{job.id}-step-{checkpoint.step}", RESUME_ONLY_FILES)
-    name = f"{job.id}-step-{checkpoint.step}.tar"
-    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{name}"'}
-    span = byte_range(range_header, archive.length)
-    if span is None:
-        headers["Content-Length"] = str(archive.length)
-        return StreamingResponse(archive.stream(), media_type="application/x-tar", headers=headers)
-    start, end = span
-    headers["Content-Length"] = str(end - start + 1)
-    headers["Content-Range"] = f"bytes {start}-{end}/{archive.length}"
-    return StreamingResponse(
-        _limited(archive.stream(start), end - start + 1),
-        status_code=206,
-        media_type="application/x-tar",
-        headers=headers,
-    )
+    # One of the team's download slots from here until the last byte is sent (429 past the cap);
+    # the session's slot goes back before the first byte (SessionDep is function-scoped).
+    with team_limits.acquire(request, "downloads", team.id) as lease:
+        job = own_job(session, team, fine_tuning_job_id)
+        checkpoint = session.scalar(
+            select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)
+        )
+        if checkpoint is None:
+            raise not_found("checkpoint", checkpoint_id, "checkpoint_id")
+        directory = storage.path(checkpoint.storage_path)
+        if not directory.is_dir():
+            raise APIError(410, f"Checkpoint {checkpoint_id} is no longer stored", code="checkpoint_gone")
+        # The model, without the optimizer state kept for resuming (twice the model's size).
+        archive = DirectoryArchive(directory, f"{job.id}-step-{checkpoint.step}", RESUME_ONLY_FILES)
+        name = f"{job.id}-step-{checkpoint.step}.tar"
+        headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{name}"'}
+        span = byte_range(range_header, archive.length)
+        if span is None:
+            headers["Content-Length"] = str(archive.length)
+            return lease.stream(archive.stream(), media_type="application/x-tar", headers=headers)
+        start, end = span
+        headers["Content-Length"] = str(end - start + 1)
+        headers["Content-Range"] = f"bytes {start}-{end}/{archive.length}"
+        return lease.stream(
+            _limited(archive.stream(start), end - start + 1),
+            status_code=206,
+            media_type="application/x-tar",
+            headers=headers,
+        )
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")

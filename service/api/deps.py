@@ -7,6 +7,7 @@ Authentication runs on the async engine, so it never holds a thread or a sync co
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,15 +32,25 @@ async def get_database_dep(request: Request) -> Database:
     return get_database(request)
 
 
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """A sync session for one request, once one of the database's slots is free (see Database)."""
-    db = get_database(request)
+@asynccontextmanager
+async def sync_session(db: Database) -> AsyncIterator[Session]:
+    """A sync session, once one of the database's slots is free (see Database); the slot and the
+    connection go back when the block ends. For work between client waits (an upload's quota read,
+    then its commit) that must not hold a slot while the client sends or reads."""
     async with db.slots:
         session = db.sessions()
         try:
             yield session
         finally:
             await run_in_threadpool(session.close)
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A sync session for the endpoint function only (SessionDep is function-scoped): its slot and
+    connection go back as soon as the endpoint returns, before the response is sent, so a client
+    that reads slowly (a download, an event stream) or not at all never holds one."""
+    async with sync_session(get_database(request)) as session:
+        yield session
 
 
 async def get_settings_dep(request: Request) -> Settings:
@@ -52,7 +63,8 @@ async def get_storage(request: Request) -> Storage:
     return storage
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": FastAPI runs the exit code when the endpoint returns, not after the response.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 DatabaseDep = Annotated[Database, Depends(get_database_dep)]  # for `async with db.read()`

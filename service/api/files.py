@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote
@@ -17,7 +18,8 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from service.api.deps import CurrentTeam, SessionDep, SettingsDep, StorageDep
+from service import team_limits
+from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, SettingsDep, StorageDep, sync_session
 from service.errors import AUTH_ERRORS, APIError, error_responses, not_found
 from service.models import File, Job, JobStatus, Team
 from service.schemas import FileDeleted, FileList, FileObject
@@ -77,9 +79,12 @@ def own_file(session: Session, team: Team, file_id: str) -> File:
     responses=error_responses(400, 413, 415),  # a bad file or form; over the size or storage quota
 )
 async def upload_file(
-    request: Request, session: SessionDep, team: CurrentTeam, settings: SettingsDep, storage: StorageDep
+    request: Request, db: DatabaseDep, team: CurrentTeam, settings: SettingsDep, storage: StorageDep
 ) -> FileObject:
-    return to_schema(await receive_and_store(request, session, team, settings, storage))
+    # One of the team's upload slots while the body streams in (429 past the cap); a database slot
+    # only for the quota read and the final commit, never while waiting on the client.
+    with team_limits.acquire(request, "uploads", team.id):
+        return to_schema(await receive_and_store(request, partial(sync_session, db), team, settings, storage))
 
 
 @router.get("", response_model=FileList, summary="List the team's files, newest first (order=asc: oldest)")
@@ -142,25 +147,26 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
     },
 )
 def file_content(
-    file_id: str, session: SessionDep, team: CurrentTeam, storage: StorageDep
+    request: Request, file_id: str, session: SessionDep, team: CurrentTeam, storage: StorageDep
 ) -> StreamingResponse:
-    file = own_file(session, team, file_id)
-    path = storage.path(file.storage_path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise APIError(
-            410, f"File {file_id} is no longer stored", param="file_id", code="file_gone"
-        ) from None
-    media_type = "application/jsonl" if file.storage_path.endswith(".jsonl") else "application/octet-stream"
-    return StreamingResponse(
-        _read_chunks(path),
-        media_type=media_type,
-        headers={
-            "Content-Length": str(size),
-            "Content-Disposition": _disposition(file.filename),
-        },
-    )
+    # One of the team's download slots until the last byte is sent (429 past the cap); the session's
+    # slot goes back before the first byte (SessionDep is function-scoped).
+    with team_limits.acquire(request, "downloads", team.id) as lease:
+        file = own_file(session, team, file_id)
+        path = storage.path(file.storage_path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise APIError(
+                410, f"File {file_id} is no longer stored", param="file_id", code="file_gone"
+            ) from None
+        jsonl = file.storage_path.endswith(".jsonl")
+        media_type = "application/jsonl" if jsonl else "application/octet-stream"
+        return lease.stream(
+            _read_chunks(path),
+            media_type=media_type,
+            headers={"Content-Length": str(size), "Content-Disposition": _disposition(file.filename)},
+        )
 
 
 @router.delete(

@@ -3,21 +3,20 @@ Checkpoints and their content: service/api/checkpoints.py."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
-from sqlalchemy import Row, Select, bindparam, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
-from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, SettingsDep, StorageDep, get_database
+from service import team_limits
+from service.api.deps import CurrentTeam, DatabaseDep, SessionDep, SettingsDep, StorageDep
 from service.db import FastRead
 from service.errors import AUTH_ERRORS, APIError, error_responses, not_found
+from service.event_hub import event_hub, event_schema
 from service.job_create import create_job
 from service.jobs import (
     IllegalTransition,
@@ -37,13 +36,12 @@ from service.schemas import (
     MetricRow,
     MetricsList,
 )
-from service.schemas import JobEvent as JobEventSchema
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(*AUTH_ERRORS)
 )
 Limit = Annotated[int, Query(ge=1, le=100, description="page size, 1-100")]
-# One server-sent event of `?stream=true` (event_stream): a JobEvent as JSON, then `event: end`.
+# One server-sent event of `?stream=true` (event_stream_response): a JobEvent as JSON, then `event: end`.
 _STREAM_EVENT = {
     "type": "object",
     "required": ["data"],
@@ -178,12 +176,6 @@ def cancel(fine_tuning_job_id: str, session: SessionDep, team: CurrentTeam) -> J
     return to_schema(job)
 
 
-def _event_schema(e: JobEvent | Row[Any]) -> JobEventSchema:
-    return JobEventSchema(
-        id=e.id, created_at=e.created_at, level=e.level, message=e.message, type=e.type, data=e.data
-    )
-
-
 @router.get(
     "/{fine_tuning_job_id}/events",
     response_model=JobEventList,
@@ -204,47 +196,27 @@ async def list_events(
 ) -> Response:
     async with db.read() as conn:
         job_id = await own_job_id(conn, team, fine_tuning_job_id)
-        if stream:
-            return event_stream_response(request, job_id)
+        if stream:  # the connection goes back as this returns: the stream holds none
+            return event_stream_response(request, job_id, team.id)
         query = select(JobEvent).where(JobEvent.job_id == job_id)
         start = await cursor_pk(conn, JobEvent, after, "after", job_id=job_id)
         if start is not None:
             query = query.where(JobEvent.pk < start)
         events = list(await conn.execute(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
     return json_response(
-        JobEventList(data=[_event_schema(e) for e in events[:limit]], has_more=len(events) > limit)
+        JobEventList(data=[event_schema(e) for e in events[:limit]], has_more=len(events) > limit)
     )
 
 
-def event_stream_response(request: Request, job_id: str) -> StreamingResponse:
-    """A job's events as server-sent events (`event_stream`), unbuffered by proxies."""
-    return StreamingResponse(
-        event_stream(request, job_id),
+def event_stream_response(request: Request, job_id: str, team_id: str) -> StreamingResponse:
+    """A job's events as server-sent events, unbuffered by proxies: every event in order as
+    `data: <json>`, then `event: end` once the job has ended. Followed through the process's shared
+    poller (service/event_hub.py); one of the team's event-stream slots while open (429 past it)."""
+    return team_limits.acquire(request, "event_streams", team_id).stream(
+        event_hub(request.app).follow(job_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-async def event_stream(request: Request, job_id: str, poll_s: float = 0.5) -> AsyncIterator[str]:
-    """Every event in order as `data: <json>`, then `event: end` once the job has ended."""
-    db = get_database(request)
-    last_pk = 0
-    while True:
-        async with db.read() as conn:
-            status = await conn.scalar(select(Job.status).where(Job.id == job_id))
-            query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.pk > last_pk)
-            events = list(await conn.execute(query.order_by(JobEvent.pk).limit(500)))
-        finished = status is None or JobStatus(status).is_terminal
-        for event in events:
-            last_pk = event.pk
-            yield f"id: {event.id}\ndata: {_event_schema(event).model_dump_json()}\n\n"
-        if finished and not events:
-            yield f"event: end\ndata: {json.dumps({'id': job_id})}\n\n"
-            return
-        if not events:
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(poll_s)
 
 
 @router.get(

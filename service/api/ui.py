@@ -5,7 +5,9 @@ Sign-in: the API key goes in a session cookie (no expiry: it ends with the brows
 HttpOnly so page scripts never see it, SameSite=Strict and scoped to /ui so no other site's page
 can make the browser send it, and no /v1 request carries it. The server keeps no session state:
 every request checks the key exactly as the REST API does. The one form that changes something
-(cancel) also carries a token derived from the key, so it cannot be forged even by a same-site page.
+(cancel) also carries a token derived from the key, so it cannot be forged even by a same-site page,
+and every form post (sign-in above all, which needs no cookie) is refused when another site sent it.
+Pages carry a strict Content-Security-Policy (service/security_headers.py): no inline scripts.
 
 Everything a page shows comes from the same queries the REST API answers with (`to_schema`,
 the metrics rows, the event stream, the checkpoint archive), so the dashboard and the API agree.
@@ -40,6 +42,7 @@ from service.jobs import (
     to_schema,
 )
 from service.models import Checkpoint, Job, JobMetric, JobStatus, Team
+from service.security_headers import require_same_origin
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 COOKIE = "tunepool_key"
@@ -81,6 +84,9 @@ def csrf_token(key: str) -> str:
     return hashlib.sha256(b"tunepool-ui-csrf:" + key.encode()).hexdigest()[:32]
 
 
+SameOrigin = Depends(require_same_origin)
+
+
 def _safe_next(next_url: str | None) -> str:
     """Only our own pages: a `next` of `//evil.example` or `https://...` goes to /ui instead."""
     if next_url and next_url.startswith("/ui") and not next_url.startswith("//"):
@@ -97,7 +103,7 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
     return _page(request, "login.html", {"next": _safe_next(next), "error": None})
 
 
-@router.post("/login", response_class=HTMLResponse)
+@router.post("/login", response_class=HTMLResponse, dependencies=[SameOrigin])
 async def login(
     request: Request, api_key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/ui"
 ) -> Response:
@@ -112,7 +118,7 @@ async def login(
     return response
 
 
-@router.post("/logout")
+@router.post("/logout", dependencies=[SameOrigin])
 def logout() -> RedirectResponse:
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
@@ -236,11 +242,12 @@ async def job_events(job_id: str, request: Request, db: DatabaseDep, team: UiTea
     """The job's events, live, as server-sent events (EventSource sends the cookie, unlike a header)."""
     async with db.read() as conn:
         await jobs_api.own_job_id(conn, team, job_id)
-    return jobs_api.event_stream_response(request, job_id)
+    return jobs_api.event_stream_response(request, job_id, team.id)
 
 
 @router.get("/jobs/{job_id}/checkpoints/{checkpoint_id}/content")
 def checkpoint_download(
+    request: Request,
     job_id: str,
     checkpoint_id: str,
     session: SessionDep,
@@ -248,10 +255,12 @@ def checkpoint_download(
     storage: StorageDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> StreamingResponse:
-    return checkpoints_api.checkpoint_content(job_id, checkpoint_id, session, team, storage, range_header)
+    return checkpoints_api.checkpoint_content(
+        request, job_id, checkpoint_id, session, team, storage, range_header
+    )
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", dependencies=[SameOrigin])
 def cancel(
     request: Request, job_id: str, session: SessionDep, team: UiTeam, csrf: Annotated[str, Form()] = ""
 ) -> Response:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
 from tests.e2e.conftest import System
 from tests.service.conftest import ROOT
@@ -80,7 +80,24 @@ def train_two_jobs(system: System) -> tuple[Any, str, str]:
     return client, dft["id"], sft["id"]
 
 
+# What Chromium reports of the pages' Content-Security-Policy (service/security_headers.py) blocking
+# something: the dashboard must need nothing it refuses (no inline script or style).
+CSP_VIOLATIONS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def no_csp_violations() -> Iterator[None]:
+    CSP_VIOLATIONS.clear()
+    yield
+    assert not CSP_VIOLATIONS, CSP_VIOLATIONS
+
+
 def sign_in(page: Page, url: str, key: str) -> None:
+    def note_csp(message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            CSP_VIOLATIONS.append(message.text)
+
+    page.on("console", note_csp)
     page.goto(f"{url}/ui")
     assert "/ui/login" in page.url  # not signed in yet: the jobs page redirects
     page.fill("#api_key", key)
@@ -183,6 +200,7 @@ def test_dashboard_cancel_isolation_and_sign_out(system: System, browser: Browse
     client = system.team(name="ui-cancel")
     other = system.team(name="ui-other")
     # No worker serves this pool, so the job waits in the queue for the cancel button.
+    system.stack.declare_pool("nobody-serves-this")
     job = system.submit(client, pool="nobody-serves-this")
     watched = system.submit(client, pool="nobody-serves-this")
     foreign = system.submit(other)

@@ -60,8 +60,9 @@ def test_request_errors_have_the_openai_shape(stack: Stack) -> None:
     assert cases[6][0].json()["error"]["param"] == "limit"
 
 
-def test_a_500_never_leaks_a_trace(stack: Stack, tmp_path: Path) -> None:
-    """An API whose database is gone answers 500 with a generic body; the trace stays in its log."""
+def test_a_missing_database_answers_503_without_details(stack: Stack, tmp_path: Path) -> None:
+    """An API whose database is gone answers 503 database_unavailable with a generic body: no trace,
+    no server address; the cause stays in its log. (A 500's body: tests/service/test_outages.py.)"""
     if stack.backend == "sqlite":
         (tmp_path / "a-directory").mkdir()
         url = f"sqlite:///{tmp_path / 'a-directory'}"  # opening a directory as a database fails per request
@@ -75,13 +76,14 @@ def test_a_500_never_leaks_a_trace(stack: Stack, tmp_path: Path) -> None:
         response = httpx.get(
             f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {client.key}"}
         )
-        assert response.status_code == 500
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
         assert response.json() == {
             "error": {
-                "message": "The server had an error processing the request",
+                "message": "The database cannot be reached right now; retry after 5 s",
                 "type": "server_error",
                 "param": None,
-                "code": "internal_error",
+                "code": "database_unavailable",
             }
         }
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
@@ -89,7 +91,7 @@ def test_a_500_never_leaks_a_trace(stack: Stack, tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
-    assert "Traceback" in (tmp_path / "api.log").read_text()  # logged for the operator
+    assert "GET /v1/models: database_unavailable (OperationalError" in (tmp_path / "api.log").read_text()
 
 
 def test_health_and_docs(stack: Stack) -> None:

@@ -299,8 +299,12 @@ def test_broker_down_keeps_the_job_queued_and_readyz_says_so(stack: Stack, tmp_p
         down = httpx.Client(
             base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {client.key}"}
         )
+        # A pool of its own: with a dispatch message already pending for a pool, a new job of that
+        # pool needs none, and the broker is not asked (service/pools.py).
+        pool = stack.declare_pool(f"down-{port}")
         job = down.post(
-            "/v1/fine_tuning/jobs", json={"model": ensure_model(stack), "training_file": new_file(client)}
+            "/v1/fine_tuning/jobs",
+            json={"model": ensure_model(stack), "training_file": new_file(client), "pool": pool},
         )
         assert job.status_code == 200 and job.json()["status"] == "queued"
         events = down.get(f"/v1/fine_tuning/jobs/{job.json()['id']}/events").json()["data"]

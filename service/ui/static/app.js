@@ -215,6 +215,11 @@ function startJobPage() {
       page.dataset.overlays = String(charts.series.length - 1);
     });
   }
+  // Attached here, not inline: the pages' Content-Security-Policy allows no inline script.
+  const cancelForm = document.getElementById("cancel-form");
+  cancelForm?.addEventListener("submit", (e) => {
+    if (!window.confirm(cancelForm.dataset.confirm)) e.preventDefault();
+  });
   document.getElementById("log-scale")?.addEventListener("change", (e) => {
     charts.log = e.target.checked;
     charts.render(true);
