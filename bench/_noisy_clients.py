@@ -17,6 +17,7 @@ import contextlib
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 BOUNDARY = "noisyneighbourboundary"
 
@@ -43,6 +44,7 @@ class Noise:
     _thread: threading.Thread | None = None
     _stop: asyncio.Event | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def start_receiver(self) -> int:
         """Start the loop thread and the dripping receiver; its port (for team A's webhook)."""
@@ -99,7 +101,8 @@ class Noise:
             + [self._stream] * plan.streams
         )
         for i, kind in enumerate(kinds):
-            asyncio.get_running_loop().create_task(self._forever(kind, i))
+            # Kept referenced: the loop holds tasks only weakly, and a collected one just stops.
+            self._tasks.add(asyncio.get_running_loop().create_task(self._forever(kind, i)))
             if i % 50 == 49:
                 await asyncio.sleep(0.05)  # open them over a moment, as real clients would
 
@@ -181,3 +184,18 @@ class Noise:
                 self.stats["stream_ended"] += 1
         finally:
             writer.close()
+
+
+def noise_process(plan: NoisePlan, conn: Any) -> None:
+    """The noisy team in a process of its own (multiprocessing target), so that its client work does
+    not share a GIL with the measured team's client: sends the receiver's port, waits for the plan's
+    last fields ("start"), makes noise until "stop", then sends its counts."""
+    noise = Noise(plan)
+    conn.send(noise.start_receiver())
+    command, download_file, stream_jobs = conn.recv()
+    assert command == "start"
+    noise.plan.download_file, noise.plan.stream_jobs = download_file, stream_jobs
+    noise.start_clients()
+    conn.recv()  # "stop"
+    noise.stop()
+    conn.send(dict(noise.stats))

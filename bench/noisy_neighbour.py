@@ -12,7 +12,7 @@ nothing):
    stalled downloads of an 8 MiB file (read 1 KiB, then never again), `--streams` event streams of
    its queued jobs, and a webhook receiver that drips one header line a second and never answers;
    team A cancels one of its jobs a second, so deliveries to that receiver keep coming
-   (bench/_noisy_clients.py).
+   (bench/_noisy_clients.py, in a process of its own: its client work shares no GIL with B's).
 Team A's per-team caps are raised to its load by default (`--caps raised`), so the server carries
 every connection instead of refusing most with 429 (`--caps default` measures that instead).
 
@@ -28,7 +28,9 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench._noisy_clients import Noise, NoisePlan
+from bench._noisy_clients import NoisePlan, noise_process
 from bench.api_load import PG_URL, free_port, start_server, stop_server, throwaway_database
 from bench.dispatch_latency import start_proc, stop_proc, wait_for
 
@@ -199,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--downloads", type=int, default=50)
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--caps", choices=["raised", "default"], default="raised")
+    parser.add_argument("--logs", type=Path, help="copy the API's and the worker's logs here")
     args = parser.parse_args(argv)
 
     from service.db import Database
@@ -254,20 +257,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         watch = HeartbeatWatch(db)
         wait_for(worker, lambda: watch.sample() is not None, "worker heartbeat")
-        noise = Noise(NoisePlan(port, keys["team-a"], "", [], args.uploads, args.downloads, args.streams))
+        plan = NoisePlan(port, keys["team-a"], "", [], args.uploads, args.downloads, args.streams)
+        noise_conn, child_conn = multiprocessing.Pipe()
+        noise = multiprocessing.get_context("spawn").Process(target=noise_process, args=(plan, child_conn))
+        noise.start()
         try:
             url = f"http://127.0.0.1:{port}"
             a = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['team-a']}"}, timeout=30)
             b = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['team-b']}"}, timeout=10)
             receiver = Arrivals()
-            drip_port = noise.start_receiver()
+            drip_port = noise_conn.recv()
             b.post(
                 "/v1/webhooks", json={"url": f"http://127.0.0.1:{receiver.server_address[1]}/hook"}
             ).raise_for_status()
             a.post("/v1/webhooks", json={"url": f"http://127.0.0.1:{drip_port}/hook"}).raise_for_status()
             a_small, b_small = upload(a, chat_lines(4096)), upload(b, chat_lines(4096))
-            noise.plan.download_file = upload(a, chat_lines(8 * 1024 * 1024))
-            noise.plan.stream_jobs = [create(a, a_small).json()["id"] for _ in range(10)]
+            download_file = upload(a, chat_lines(8 * 1024 * 1024))
+            stream_jobs = [create(a, a_small).json()["id"] for _ in range(10)]
             a_victims = [create(a, a_small).json()["id"] for _ in range(int(args.seconds) + 10)]
             watch.start()
             log(f"undisturbed phase ({args.seconds:g} s)")
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{args.streams} streams, a dripping receiver"
             )
             watch.worst = 0.0
-            noise.start_clients()
+            noise_conn.send(("start", download_file, stream_jobs))
             stop_cancels = threading.Event()
 
             def cancel_a() -> None:
@@ -292,12 +298,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             noisy = team_b_phase(b, b_small, args.seconds, receiver)
             noisy["heartbeat_staleness_max_s"] = round(watch.worst, 3)
             stop_cancels.set()
-            noisy["noise"] = dict(noise.stats)
+            noise_conn.send("stop")
+            noisy["noise"] = noise_conn.recv()
         finally:
             watch.running = False
-            noise.stop()
+            noise.join(20)
+            if noise.is_alive():
+                noise.kill()
             stop_proc(worker)
             stop_server(api)
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log_file in home.glob("*.log"):
+                    shutil.copy(log_file, args.logs / log_file.name)
             db.dispose()
     ratios = {
         k: round(noisy["requests"][k]["p99"] / max(quiet["requests"][k]["p99"], 1e-9), 2)
@@ -314,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }  # fmt: skip
     result = {"bench": "noisy_neighbour", "backend": args.backend, "config": vars(args),
               "undisturbed": quiet, "noisy": noisy, "goals": goals}  # fmt: skip
-    print(json.dumps(result))
+    print(json.dumps(result, default=str))
     return result
 
 

@@ -193,3 +193,23 @@ def test_the_key_file_is_made_once_and_shared(tmp_path: Path) -> None:
     assert secret_box(load_settings(home=tmp_path)).open(sealed) == "whsec_x"
     with pytest.raises(ValueError, match="TUNEPOOL_SECRET_KEY: key 1 is not a Fernet key"):
         load_settings(home=tmp_path, secret_key="not-a-key")
+
+
+def test_a_teams_backlog_never_hides_another_teams_delivery(stack: Stack) -> None:
+    """Team A's hanging receiver left 60 due retries, older than team B's one delivery, and 7 of its
+    sends are under way (one below its cap): the next claim takes B's delivery too. Before, the claim
+    read the 50 oldest due rows, all A's, and B waited until A's backlog ran out."""
+    from service.webhook_delivery import claim_due
+
+    a, b = stack.team(), stack.team()
+    a_endpoint, _ = stored_endpoint(stack, a, "https://a.example/hook")
+    b_endpoint, _ = stored_endpoint(stack, b, "https://b.example/hook")
+    a_rows = [pending_delivery(stack, a_endpoint) for _ in range(60)]
+    time.sleep(0.01)
+    b_row = pending_delivery(stack, b_endpoint)
+    settings = stack.settings.model_copy(update={"webhook_concurrency": 32, "webhook_team_concurrency": 8})
+    claimed = claim_due(stack.db, settings, time.time(), 25, [a.team_id] * 7)
+    by_team = [c.team_id for c in claimed]
+    assert b_row in [c.id for c in claimed], by_team
+    assert by_team.count(a.team_id) == 1  # A only up to its cap
+    assert {c.id for c in claimed if c.team_id == a.team_id} <= set(a_rows)
