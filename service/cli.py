@@ -348,13 +348,10 @@ def add_pool_cmd(
 ) -> None:
     """Declare a pool jobs may name (or update its description). Registering a model in a pool
     and starting a worker with --pool declare it too."""
-    from service.pools import PoolError, check_pool_name, declare_pool
+    from service.pools import declare_pool
 
     with admin_session() as (_, session):
-        try:
-            pool = declare_pool(session, check_pool_name(name.strip()), "admin", description)
-        except PoolError as err:
-            fail(str(err))
+        pool = declare_pool(session, name.strip(), "admin", description)
         session.commit()
     typer.echo(f"declared pool {pool.name}")
 
@@ -362,13 +359,10 @@ def add_pool_cmd(
 @admin.command("remove-pool")
 def remove_pool_cmd(name: str) -> None:
     """Forget a pool that no registered model and no unfinished job uses."""
-    from service.pools import PoolError, remove_pool
+    from service.pools import remove_pool
 
     with admin_session() as (_, session):
-        try:
-            remove_pool(session, name)
-        except PoolError as err:
-            fail(str(err))
+        remove_pool(session, name)
     typer.echo(f"removed pool {name}")
 
 

@@ -28,24 +28,16 @@ from service.dispatch import send_dispatch
 from service.models import Job, JobStatus, Pool, RegisteredModel, now_s
 from service.schemas import POOL_PATTERN
 from service.settings import Settings
+from service.teams import AdminError
 
 DECLARERS = ("admin", "model", "worker")
 ACTIVE = (JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-class PoolError(ValueError):
-    """A pool request that cannot be carried out; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, param: str | None = "name", status: int = 400, code: str = "") -> None:
-        super().__init__(message)
-        self.param = param
-        self.status = status
-        self.code = code
-
-
 def check_pool_name(name: str, param: str = "name") -> str:
+    """`name` if it is a pool name (the rule of a job's `pool`); AdminError naming `param` if not."""
     if not re.fullmatch(POOL_PATTERN, name):
-        raise PoolError(f"{param}: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit", param)
+        raise AdminError(f"{param}: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit", param)
     return name
 
 
@@ -82,10 +74,10 @@ def remove_pool(session: Session, name: str) -> None:
     """Forget a pool, unless a registered model or an unfinished job still uses it (409)."""
     pool = session.get(Pool, name)
     if pool is None:
-        raise PoolError(f"name: no pool named {name!r}", "name", 404)
+        raise AdminError(f"name: no pool named {name!r}", "name", 404)
     model = session.scalar(select(RegisteredModel.name).where(RegisteredModel.pool == name).limit(1))
     if model is not None:
-        raise PoolError(
+        raise AdminError(
             f"name: model {model!r} is registered in pool {name!r}; move or remove it first",
             "name",
             409,
@@ -95,7 +87,7 @@ def remove_pool(session: Session, name: str) -> None:
         select(func.count()).select_from(Job).where(Job.pool == name, Job.status.in_(ACTIVE))
     )
     if jobs:
-        raise PoolError(f"name: pool {name!r} has {jobs} unfinished jobs", "name", 409, "pool_in_use")
+        raise AdminError(f"name: pool {name!r} has {jobs} unfinished jobs", "name", 409, "pool_in_use")
     session.delete(pool)
     session.commit()
 

@@ -18,14 +18,10 @@ from sqlalchemy.orm import Session
 
 from service.auth import KEY_PREFIX, create_key
 from service.models import ApiKey, File, Job, JobStatus, RegisteredModel, Team, now_s
-from service.pools import declare_pool
-from service.schemas import POOL_PATTERN
 from service.settings import Settings
 
 # Team names appear in URLs (/v1/admin/teams/{name}) and shell commands: keep them plain.
 TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# The same rule as a job's `pool`.
-POOL_NAME = re.compile(POOL_PATTERN)
 MAX_JOBS = 1_000_000  # max_running_jobs / max_queued_jobs (an INTEGER column)
 MAX_STORAGE_BYTES = 2**63 - 1  # a BIGINT column
 MAX_SHARE_WEIGHT = 1e6
@@ -35,12 +31,14 @@ WAITING = (JobStatus.QUEUED.value, JobStatus.VALIDATING_FILES.value)
 
 
 class AdminError(ValueError):
-    """A request an admin made that cannot be carried out; `param` names the field."""
+    """A request an admin made that cannot be carried out; `param` names the field, `code` (if
+    given) is the API error's code."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "") -> None:
         super().__init__(message)
         self.param = param
         self.status = status
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -248,8 +246,10 @@ def add_model(
         raise AdminError("name: 1 to 128 characters, no spaces, not starting with 'ft:'", "name")
     if not source or len(source) > 1024 or "\x00" in source:
         raise AdminError("source: a model directory or a .gguf path (up to 1024 characters)", "source")
-    if pool is not None and not POOL_NAME.match(pool):
-        raise AdminError("pool: 1 to 64 of a-z 0-9 _ -, starting with a letter or digit", "pool")
+    from service.pools import check_pool_name, declare_pool  # pools imports this module's AdminError
+
+    if pool is not None:
+        check_pool_name(pool, "pool")
     source = check_model_source(settings, source)
     existing = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
     if existing is not None:

@@ -50,11 +50,11 @@ _CODES = {404: "not_found", 409: "already_exists"}
 
 @contextmanager
 def admin_errors() -> Iterator[None]:
-    """AdminError (or PoolError) -> the OpenAI-style error of its status, naming its param."""
+    """AdminError -> the OpenAI-style error of its status (and code), naming its param."""
     try:
         yield
-    except (teams.AdminError, pools.PoolError) as err:
-        code = getattr(err, "code", "") or _CODES.get(err.status, "invalid_value")
+    except teams.AdminError as err:
+        code = err.code or _CODES.get(err.status, "invalid_value")
         raise APIError(err.status, str(err), param=err.param, code=code) from None
 
 
@@ -179,8 +179,7 @@ def list_pools(session: SessionDep, _admin: AdminTeam) -> PoolList:
 )
 def add_pool(body: PoolCreate, session: SessionDep, _admin: AdminTeam) -> PoolObject:
     with admin_errors():
-        name = pools.check_pool_name(body.name.strip())
-        pool = pools.declare_pool(session, name, "admin", body.description)
+        pool = pools.declare_pool(session, body.name.strip(), "admin", body.description)
         session.commit()
         return pool_object(pool)
 

@@ -208,3 +208,14 @@ def test_database_from_a_newer_version_is_one_line(bare_env: dict[str, str], tmp
     conn.commit()
     conn.close()
     assert "'f00d'" in refused(bare_env, "migrate")
+
+
+def test_pools(stack: Stack) -> None:
+    pool = unique("cli-pool")
+    assert f"declared pool {pool}" in ok(stack.env, "admin", "add-pool", pool, "--description", "8x H200")
+    pools = {p["id"]: p for p in json.loads(ok(stack.env, "admin", "list-pools", "--json"))}
+    assert (pools[pool]["declared_by"], pools[pool]["description"]) == ("admin", "8x H200")
+    assert pool in ok(stack.env, "admin", "list-pools")
+    assert "name: 1 to 64" in refused(stack.env, "admin", "add-pool", "Not A Pool")
+    ok(stack.env, "admin", "remove-pool", pool)
+    assert f"no pool named {pool!r}" in refused(stack.env, "admin", "remove-pool", pool)
