@@ -144,7 +144,7 @@ def batch_shapes(examples: list[Any], plan: list[list[int]], pad_id: int) -> lis
 
     rows = []
     for step in plan:
-        (mb,) = micro_batches(examples, step, 1, pad_id)
+        (mb,) = micro_batches(examples, step, len(step), pad_id)
         rows.append({"trained": mb.n_trained, "real": mb.n_real, "processed": mb.n_processed})
     return rows
 
@@ -237,7 +237,7 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     pad_id = int(tokenizer.pad_token_id)
     data = load_tokenized(Path(args.train_file), tokenizer, args.max_length)
     plan = step_plan(data.examples, args.batch_size, args.steps, args.seed)
-    batches = [micro_batches(data.examples, step, 1, pad_id)[0] for step in plan]
+    batches = [micro_batches(data.examples, step, len(step), pad_id)[0] for step in plan]
     # Same padded tensors as ours; labels: the trained tokens, -100 elsewhere (the model shifts them).
     labels = [torch.where(b.trained, b.input_ids, torch.full_like(b.input_ids, -100)) for b in batches]
     shapes = [{"trained": b.n_trained, "real": b.n_real, "processed": b.n_processed} for b in batches]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -18,16 +17,11 @@ from sqlalchemy.orm import Session
 
 from service.db import lock_team
 from service.errors import APIError
+from service.hyperparameters import check_pool_capabilities, resolve_hyperparameters
 from service.jobs import add_event, set_status
 from service.models import Checkpoint, File, Job, JobStatus, RegisteredModel, Team
 from service.pools import pool_exists, request_dispatch
-from service.schemas import (
-    AUTO_BATCH_SIZE,
-    AUTO_N_EPOCHS,
-    BASE_LEARNING_RATE,
-    Hyperparameters,
-    JobCreate,
-)
+from service.schemas import Hyperparameters, JobCreate
 from service.settings import Settings
 from service.storage import Storage
 
@@ -79,52 +73,6 @@ def _own_file(session: Session, team: Team, file_id: str, param: str) -> File:
             code="invalid_file",
         )
     return file
-
-
-def resolve_hyperparameters(hp: Hyperparameters, *, has_validation: bool, param: str) -> dict[str, Any]:
-    """Every trainer setting with "auto" resolved; the job stores and echoes this."""
-    if hp.learning_rate is not None and hp.learning_rate_multiplier != "auto":
-        raise APIError(
-            400,
-            f"{param}.learning_rate: give learning_rate or learning_rate_multiplier, not both",
-            param=f"{param}.learning_rate",
-        )
-    multiplier = 1.0 if hp.learning_rate_multiplier == "auto" else float(hp.learning_rate_multiplier)
-    batch_size = AUTO_BATCH_SIZE if hp.batch_size == "auto" else int(hp.batch_size)
-    resolved: dict[str, Any] = {
-        "n_epochs": AUTO_N_EPOCHS if hp.n_epochs == "auto" else int(hp.n_epochs),
-        "batch_size": batch_size,
-        "learning_rate_multiplier": multiplier,
-        "learning_rate": hp.learning_rate
-        if hp.learning_rate is not None
-        else BASE_LEARNING_RATE * multiplier,
-    }
-    if hp.gradient_accumulation_steps is not None and batch_size % hp.gradient_accumulation_steps:
-        raise APIError(
-            400,
-            f"{param}.gradient_accumulation_steps: must divide batch_size {batch_size}",
-            param=f"{param}.gradient_accumulation_steps",
-        )
-    if hp.eval_every is not None and not has_validation:
-        raise APIError(400, f"{param}.eval_every: needs a validation_file", param=f"{param}.eval_every")
-    for field in (
-        "max_seq_length",
-        "max_steps",
-        "warmup_ratio",
-        "lr_scheduler",
-        "weight_decay",
-        "max_grad_norm",
-        "gradient_accumulation_steps",
-        "overlength",
-        "checkpoint_every",
-        "eval_every",
-    ):
-        value = getattr(hp, field)
-        if value is not None:
-            resolved[field] = value
-    if hp.lora is not None:
-        resolved["lora"] = hp.lora.model_dump()
-    return resolved
 
 
 def _method_and_hyperparameters(body: JobCreate) -> tuple[str, Hyperparameters, str]:
@@ -200,6 +148,7 @@ def create_job(
         _own_file(session, team, body.validation_file, "validation_file")
     loss, hp, hp_param = _method_and_hyperparameters(body)
     resolved = resolve_hyperparameters(hp, has_validation=body.validation_file is not None, param=hp_param)
+    check_pool_capabilities(session, pool, resolved, hp_param)
     method_type = "dft" if loss == "dft" else "supervised"
     waiting = session.scalar(
         select(func.count())

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Auto = Literal["auto"]
 POOL_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # pool names appear in queue names: pool.<name>
@@ -27,6 +35,16 @@ def not_a_boolean(value: object) -> object:
     return value
 
 
+def numbers_not_booleans(*boolean_fields: str) -> Any:
+    """`not_a_boolean` for every field of a model but `boolean_fields` (declared `strict=True`, so
+    they take JSON true/false only, not 1 or "yes")."""
+
+    def check(cls: type[BaseModel], value: object, info: ValidationInfo) -> object:
+        return value if info.field_name in boolean_fields else not_a_boolean(value)
+
+    return field_validator("*", mode="before")(check)
+
+
 class LoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +55,9 @@ class LoraIn(BaseModel):
         list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] | Literal["all-linear"]
     ) = "all-linear"
     merge: bool = False
+    quantize: Literal["nf4"] | None = Field(
+        None, description="QLoRA: the frozen base in 4-bit NormalFloat (bitsandbytes); needs a CUDA GPU"
+    )
 
     _numbers = field_validator("r", "alpha", "dropout", mode="before")(not_a_boolean)
 
@@ -61,8 +82,31 @@ class Hyperparameters(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
     lora: LoraIn | None = None
+    # GPU-node settings of the trainer (worker/training/config.py has a comment on each).
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-pure"] | None = Field(
+        None, description="auto (bf16-mixed on a bf16 GPU, else fp32), fp32, bf16-mixed or bf16-pure"
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, strict=True, description="recompute activations in backward: less memory, more time"
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=65536, description="sequences per forward pass per device (no accumulation steps)"
+    )
+    loss_chunk_size: int | None = Field(
+        None, ge=1, le=1_048_576, description="trained tokens per chunk of the fused loss"
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] | None = None
+    packing: bool | None = Field(
+        None, strict=True, description="padding-free batches (the sequences concatenated)"
+    )
+    chat_template: str | None = Field(
+        None, min_length=1, max_length=200_000, description="a Jinja chat template replacing the model's"
+    )
+    distributed: Literal["auto", "ddp", "fsdp"] | None = Field(
+        None, description="how the devices of one job share it: auto, ddp or fsdp"
+    )
 
-    _numbers = field_validator("*", mode="before")(not_a_boolean)  # no field here is a boolean
+    _numbers = numbers_not_booleans("gradient_checkpointing", "packing")
 
     @field_validator("n_epochs")
     @classmethod

@@ -84,8 +84,10 @@ class Settings(BaseSettings):
     default_checkpoint_every: int = Field(50, ge=1)
     # Checkpoints kept per job (older ones are deleted from storage as newer ones complete).
     keep_checkpoints: int = Field(3, ge=1)
-    # Address-space limit of a training process in bytes (0: none). A job that exceeds it fails
-    # with `out_of_memory` instead of taking the node's memory from everything else.
+    # Address-space limit (RLIMIT_AS) of a training process in bytes, on CPU workers only (0: none).
+    # A job that exceeds it fails with `out_of_memory` instead of taking the node's memory from
+    # everything else. GPU workers (--gpu) ignore it, with a warning at start: CUDA reserves far
+    # more address space than it uses, and breaks under any limit small enough to protect the host.
     job_memory_limit_bytes: int = Field(0, ge=0)
 
     # --- webhooks (service/webhooks.py): delivered by every worker's maintenance thread

@@ -24,11 +24,13 @@ from worker.storage_space import human_bytes, low_space
 
 log = logging.getLogger("tunepool.artifacts")
 
-# Trainer settings that a job's resolved hyperparameters carry under the same name.
+# Trainer settings that a job's resolved hyperparameters carry under the same name (a job carries
+# only those its request gave, besides the resolved "auto" ones; the trainer's defaults fill the rest).
 _TRAINER_FIELDS = (
     "n_epochs", "batch_size", "learning_rate", "max_seq_length", "max_steps", "warmup_ratio", "lr_scheduler",
     "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "overlength", "checkpoint_every",
-    "eval_every", "lora",
+    "eval_every", "lora", "precision", "gradient_checkpointing", "micro_batch_size", "loss_chunk_size",
+    "attn_implementation", "packing", "chat_template", "distributed",
 )  # fmt: skip
 
 

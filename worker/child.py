@@ -10,6 +10,9 @@ memory is freed when the job ends. It talks to its parent through files only:
 - `error.json` (written here): why the run failed, as an OpenAI-style error (code, message, param),
   or for a full, read-only or failing disk the errno and the path whose write failed.
 
+A job on K GPUs runs `torchrun --nproc-per-node K -m worker.child RUN_DIR`: every rank runs this
+module and rank 0 alone writes `error.json` (the trainer's own outputs are rank 0's too).
+
 Exit status: 0 finished or stopped on request (`output/summary.json` says which), 3 failed with
 `error.json` written, 4 a write failed for want of storage (ENOSPC, EDQUOT, EROFS, EIO; `error.json`
 if it could still be written), anything else a crash (the parent reports the log's last lines).
@@ -22,7 +25,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -35,32 +37,13 @@ EXIT_STORAGE = 4
 STOP_FILE = "STOP"
 ERROR_FILE = "error.json"
 CONFIG_FILE = "config.json"
-_CPU_ALLOCATOR_OOM = r"DefaultCPUAllocator: (can't allocate memory|not enough memory)"
-
-
-def _out_of_memory(err: BaseException) -> BaseException | None:
-    """The out-of-memory error in `err` or in what caused it, else None.
-
-    Under a memory limit (RLIMIT_AS) a failed allocation is a MemoryError in Python, torch's
-    OutOfMemoryError on a GPU, but a plain RuntimeError from torch's CPU allocator ("DefaultCPUAllocator:
-    can't allocate memory"); and it may surface wrapped, e.g. as the ImportError of a module that was
-    being imported when memory ran out.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
-            return current
-        if isinstance(current, RuntimeError) and re.search(_CPU_ALLOCATOR_OOM, str(current)):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def classify(err: BaseException) -> dict[str, Any] | None:
     """The OpenAI-style error of a failure we understand; None for anything else (internal_error)."""
-    oom = _out_of_memory(err)  # first: the imports below need memory too
+    from worker.training.memory import out_of_memory_error
+
+    oom = out_of_memory_error(err)  # first: the imports below need memory too
     if oom is not None:
         message = str(oom) or "the training process ran out of memory"
         return {"code": "out_of_memory", "message": f"Out of memory: {message}", "param": None}
@@ -114,6 +97,8 @@ def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
     stop_file = run_dir / STOP_FILE
     output_dir = run_dir / "output"
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun's; a single process is rank 0
+    trainer: Any = None
     try:
         from worker.training.config import TrainingConfig
         from worker.training.trainer import Trainer
@@ -131,13 +116,17 @@ def main(argv: list[str]) -> int:
             raise
         storage = storage_errno(err)
         if storage is not None:
-            return _storage_failure(run_dir, output_dir, *storage)
+            return _storage_failure(run_dir, output_dir, *storage) if main_rank else EXIT_STORAGE
         with contextlib.suppress(OSError):
             traceback.print_exc()
         error = classify(err)
-        if error is None:
+        if error is None or not main_rank:
             return 1
         return EXIT_FAILED if _write_error(run_dir, error) else 1
+    finally:
+        if trainer is not None:
+            with contextlib.suppress(Exception):
+                trainer.close()
 
 
 if __name__ == "__main__":

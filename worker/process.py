@@ -127,7 +127,7 @@ class WorkerProcess:
             with self.db.session() as session:
                 wake_another_worker(session, self.settings, pool)  # for the jobs still queued there
             try:
-                JobRun(self.db, self.settings, claim, self.id, abort=self.stopping.is_set).run()
+                JobRun(self.db, self.settings, claim, self.id, abort=self.stopping.is_set, gpu=self.gpu).run()
             finally:
                 self.current_job = None
             ran += 1
@@ -155,6 +155,11 @@ def run_worker(settings: Settings, pool: str, gpu: int | None) -> None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # inherited by the training child
     worker = _current = WorkerProcess(settings, pool, gpu)
+    if gpu is not None and settings.job_memory_limit_bytes:
+        log.warning(
+            "TUNEPOOL_JOB_MEMORY_LIMIT_BYTES is set but ignored on this GPU worker: RLIMIT_AS caps "
+            "address space, which CUDA reserves far beyond what it uses; it applies to CPU workers only"
+        )
     worker.register()
     threads = [
         threading.Thread(target=worker.maintain, name="tunepool-maintenance", daemon=True),

@@ -66,8 +66,10 @@ class JobRun:
         claim: Claim,
         worker_id: str,
         abort: Callable[[], bool] = lambda: False,
+        gpu: int | None = None,
     ) -> None:
         self.db = db
+        self.gpu = gpu  # the worker's --gpu (CUDA_VISIBLE_DEVICES), None on a CPU worker
         self.abort = abort  # true when this worker is shutting down: hand the job back
         self.settings = settings
         self.storage = Storage(settings.artifacts)
@@ -125,7 +127,9 @@ class JobRun:
 
     def spawn(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        limit = self.settings.job_memory_limit_bytes
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
+        # RLIMIT_AS caps address space, which CUDA reserves far beyond what it uses: CPU workers only.
+        limit = self.settings.job_memory_limit_bytes if self.gpu is None else 0
 
         def in_child() -> None:  # runs in the child between fork and exec: system calls only
             # Die with this worker: a trainer orphaned by a crashed worker would go on writing the

@@ -22,6 +22,10 @@ from service.usercli.common import (
     when,
 )
 
+CHAT_TEMPLATE_OPTION = typer.Option(
+    None, help="a Jinja file replacing the model's chat template", metavar="FILE"
+)
+
 
 def job_body(
     from_yaml: Path | None,
@@ -58,7 +62,11 @@ def job_body(
     old_type = method.get("type") or "dft"
     new_type = LOSSES[loss] if loss else old_type
     hp = dict(((method.get(old_type) or {}).get("hyperparameters")) or {})
-    hp |= {k: v for k, v in hyperparameters.items() if v is not None}
+    for key, value in hyperparameters.items():
+        if isinstance(value, dict) and isinstance(hp.get(key), dict):
+            hp[key] = {**hp[key], **value}  # --lora-quantize keeps the YAML's other lora settings
+        elif value is not None:
+            hp[key] = value
     body["method"] = {"type": new_type, **({new_type: {"hyperparameters": hp}} if hp else {})}
     missing = [f"--{k.replace('_', '-')}" for k in ("model", "training_file") if not body.get(k)]
     if missing:
@@ -76,6 +84,14 @@ def jobs_create(
     batch_size: int | None = typer.Option(None, help="sequences per optimizer step"),
     learning_rate: float | None = typer.Option(None, help="peak learning rate"),
     max_steps: int | None = typer.Option(None, help="stop after this many optimizer steps"),
+    precision: str | None = typer.Option(None, help="auto, fp32, bf16-mixed or bf16-pure"),
+    micro_batch_size: int | None = typer.Option(None, help="sequences per forward pass per device"),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing", help="recompute activations"
+    ),
+    packing: bool | None = typer.Option(None, "--packing/--no-packing", help="padding-free batches"),
+    chat_template: Path | None = CHAT_TEMPLATE_OPTION,
+    lora_quantize: str | None = typer.Option(None, help="nf4: QLoRA (a LoRA job on a 4-bit base; GPU)"),
     suffix: str | None = typer.Option(None, help="added to the fine-tuned model's name"),
     pool: str | None = typer.Option(None, help="the GPU pool to run on"),
     priority: int | None = typer.Option(None, help="-100..100, higher first within your team"),
@@ -85,6 +101,12 @@ def jobs_create(
     """Create a fine-tuning job (DFT unless --loss sft or the YAML says otherwise)."""
     if loss is not None and loss not in LOSSES:
         fail(f"--loss: {loss!r} is not one of dft, sft", 2)
+    template = None
+    if chat_template is not None:
+        try:
+            template = chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            fail(f"--chat-template: cannot read {chat_template}: {err}", 2)
     body = job_body(
         from_yaml,
         model,
@@ -96,6 +118,12 @@ def jobs_create(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "max_steps": max_steps,
+            "precision": precision,
+            "micro_batch_size": micro_batch_size,
+            "gradient_checkpointing": gradient_checkpointing,
+            "packing": packing,
+            "chat_template": template,
+            "lora": {"quantize": lora_quantize} if lora_quantize is not None else None,
         },
         {"suffix": suffix, "pool": pool, "priority": priority},
     )

@@ -158,6 +158,81 @@ CATALOGUE: dict[str, tuple[Send, int, str | None, str | None]] = {
         None,
     ),
     "eval_every-without-validation": (hp(eval_every=10), 400, f"{HP}.eval_every", None),
+    # the trainer's GPU-node settings (service/hyperparameters.py; the pool's GPUs:
+    # test_hyperparameters.py): out of range, of the wrong type, in combinations the trainer refuses
+    "precision-float32": (hp(precision="float32"), 400, f"{HP}.precision", None),  # the trainer's alias
+    "micro_batch_size-0": (hp(micro_batch_size=0), 400, f"{HP}.micro_batch_size", None),
+    "micro_batch_size-true": (hp(micro_batch_size=True), 400, f"{HP}.micro_batch_size", None),
+    "loss_chunk_size-0": (hp(loss_chunk_size=0), 400, f"{HP}.loss_chunk_size", None),
+    "loss_chunk_size-2**20+1": (hp(loss_chunk_size=2**20 + 1), 400, f"{HP}.loss_chunk_size", None),
+    "loss_chunk_size-true": (hp(loss_chunk_size=True), 400, f"{HP}.loss_chunk_size", None),
+    "attn_implementation-flash": (hp(attn_implementation="flash"), 400, f"{HP}.attn_implementation", None),
+    "distributed-deepspeed": (hp(distributed="deepspeed"), 400, f"{HP}.distributed", None),
+    "packing-1": (hp(packing=1), 400, f"{HP}.packing", None),  # a boolean, not a number
+    "packing-yes": (hp(packing="yes"), 400, f"{HP}.packing", None),
+    "gradient_checkpointing-true-string": (
+        hp(gradient_checkpointing="true"),
+        400,
+        f"{HP}.gradient_checkpointing",
+        None,
+    ),
+    "chat_template-empty": (hp(chat_template=""), 400, f"{HP}.chat_template", None),
+    "chat_template-200001-characters": (hp(chat_template="x" * 200_001), 400, f"{HP}.chat_template", None),
+    "chat_template-a-list": (hp(chat_template=["{{ x }}"]), 400, f"{HP}.chat_template", None),
+    "chat_template-unclosed-for": (
+        hp(chat_template="{% for m in messages %}{{ m.content }}"),
+        400,
+        f"{HP}.chat_template",
+        None,
+    ),
+    "chat_template-bad-expression": (hp(chat_template="{{ messages[0 }}"), 400, f"{HP}.chat_template", None),
+    "chat_template-unknown-filter": (hp(chat_template="{{ x | nosuch }}"), 400, f"{HP}.chat_template", None),
+    "chat_template-break-outside-a-loop": (hp(chat_template="{% break %}"), 400, f"{HP}.chat_template", None),
+    "chat_template-nested-50000-deep": (
+        hp(chat_template="{{ " + "(" * 50_000 + "1" + ")" * 50_000 + " }}"),
+        400,
+        f"{HP}.chat_template",
+        None,
+    ),
+    "lora.quantize-int8": (hp(lora={"quantize": "int8"}), 400, f"{HP}.lora.quantize", None),
+    "micro_batch_size-with-accumulation": (
+        hp(micro_batch_size=2, gradient_accumulation_steps=2),
+        400,
+        f"{HP}.micro_batch_size",
+        None,
+    ),
+    "micro_batch_size-over-batch_size": (
+        hp(batch_size=4, micro_batch_size=8),
+        400,
+        f"{HP}.micro_batch_size",
+        None,
+    ),
+    "micro_batch_size-over-auto-batch_size": (hp(micro_batch_size=9), 400, f"{HP}.micro_batch_size", None),
+    "bf16-pure-with-lora": (hp(precision="bf16-pure", lora={}), 400, f"{HP}.precision", None),
+    "lora.quantize-with-fsdp": (
+        hp(lora={"quantize": "nf4"}, distributed="fsdp"),
+        400,
+        f"{HP}.lora.quantize",
+        None,
+    ),
+    "lora-with-fsdp": (hp(lora={"r": 8}, distributed="fsdp"), 400, f"{HP}.distributed", None),
+    "legacy-micro_batch_size-with-accumulation": (
+        body(hyperparameters={"micro_batch_size": 2, "gradient_accumulation_steps": 2}),
+        400,
+        "hyperparameters.micro_batch_size",
+        None,
+    ),
+    "supervised-bf16-pure-with-lora": (
+        body(
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"precision": "bf16-pure", "lora": {"r": 4}}},
+            }
+        ),
+        400,
+        "method.supervised.hyperparameters.precision",
+        None,
+    ),
     # hyperparameters of the wrong type
     "n_epochs-many": (hp(n_epochs="many"), 400, f"{HP}.n_epochs", None),
     "n_epochs-2.5": (hp(n_epochs=2.5), 400, f"{HP}.n_epochs", None),

@@ -39,9 +39,16 @@ def test_the_openai_sdk_works_unchanged(stack: Stack, tmp_path: Path) -> None:
     )
     assert isinstance(job, FineTuningJob) and job.status == "queued" and job.method is not None
     assert job.method.type == "dft" and job.user_provided_suffix == "sdk"
-    sft = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id,
-                                         method={"type": "supervised"})  # fmt: skip
-    assert sft.method is not None and sft.method.type == "supervised"
+    gpu_settings = {"precision": "bf16-mixed", "micro_batch_size": 2, "packing": True,
+                    "gradient_checkpointing": True, "chat_template": "{{ messages[0].content }}"}  # fmt: skip
+    sft = client.fine_tuning.jobs.create(
+        model=model,
+        training_file=uploaded.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": gpu_settings}},
+    )
+    assert sft.method is not None and sft.method.type == "supervised" and sft.method.supervised is not None
+    assert sft.method.supervised.hyperparameters is not None  # tunepool's settings are the SDK's extras
+    assert {k: getattr(sft.method.supervised.hyperparameters, k) for k in gpu_settings} == gpu_settings
 
     fetched = client.fine_tuning.jobs.retrieve(job.id)
     assert fetched.id == job.id and fetched.hyperparameters.n_epochs == 2

@@ -1,5 +1,8 @@
 """Standalone training: `python -m worker.training CONFIG.yaml`.
 
+On several GPUs of one node: `torchrun --nproc-per-node K -m worker.training CONFIG.yaml` (rank 0
+shows progress and writes the outputs; see distributed.py).
+
 Shows a progress bar (step/total, loss, NLL, tokens/s, ETA) on a terminal, one line per step
 otherwise, and ends with a summary. Exit status: 0 done, 1 training failed, 2 bad config, data
 or model (the message names the field or line), 130 interrupted (Ctrl-C; resumable).
@@ -8,6 +11,7 @@ or model (the message names the field or line), 130 interrupted (Ctrl-C; resumab
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -24,6 +28,7 @@ from rich.progress import (
 from worker.training.config import ConfigError, load_config
 from worker.training.data import TemplateError
 from worker.training.formats import DataFormatError
+from worker.training.memory import OutOfMemory
 from worker.training.model import ModelLoadError
 from worker.training.trainer import Trainer, TrainingError
 
@@ -43,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="training config, .yaml/.yml or .json")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
-    interactive = console.is_terminal
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the job
+    interactive = console.is_terminal and main_rank
 
     progress = Progress(
         TextColumn("[bold]train"),
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['level']}: {row['message']}", markup=False, highlight=False, soft_wrap=True
             )
 
+    trainer: Trainer | None = None
     try:
         config = load_config(args.config)
         trainer = Trainer(config, on_metrics=on_metrics, on_event=on_event)
@@ -81,11 +88,22 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(task, completed=trainer.step, total=trainer.total_steps, metrics="")
             result = trainer.train()
     except (ConfigError, DataFormatError, ModelLoadError, TemplateError, TrainingError) as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        if main_rank:
+            console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         return 2
+    except OutOfMemory as err:
+        if main_rank:
+            console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        return 1
     except KeyboardInterrupt:
-        console.print("interrupted: run the same command again to resume from the last checkpoint")
+        if main_rank:
+            console.print("interrupted: run the same command again to resume from the last checkpoint")
         return 130
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if not main_rank:
+        return 0
 
     s = result.summary
     final = s["final"]

@@ -2,15 +2,19 @@
 
 Layout of `output_dir/checkpoints/step-NNNNNN/`:
 - full fine-tune: `config.json`, `model.safetensors`, generation config, tokenizer (with its chat
-  template): loadable by plain `AutoModelForCausalLM.from_pretrained`;
-- LoRA: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer;
-  with `lora.merge`, also `merged/`, the full merged model;
-- `trainer_state.pt`: optimizer, scheduler, RNG states, step and counters (loadable with
-  `torch.load(weights_only=True)`);
+  template): loadable by plain `AutoModelForCausalLM.from_pretrained`, in the base model's own
+  dtype (a bf16 base gives a bf16 checkpoint). When training keeps wider master weights (fp32
+  under bf16-mixed), they are saved too, in `exact_weights.safetensors`, for an exact resume;
+- LoRA: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`, fp32) and the
+  tokenizer; with `lora.merge`, also `merged/`, the full merged model in the base's dtype;
+- `trainer_state.pt`: optimizer state keyed by parameter name (consolidated over the ranks of a
+  multi-GPU job, so a job resumes on any number of GPUs), scheduler, step and counters (loadable
+  with `torch.load(weights_only=True)`);
 - `tunepool_checkpoint.json`: written last; a directory without it is not a checkpoint.
 
 A checkpoint is built in `.tmp-step-NNNNNN`, flushed to disk, then renamed: a kill at any moment
 leaves the previous checkpoints intact and at worst a `.tmp-*` directory, removed on the next start.
+Only rank 0 of a multi-GPU job writes.
 """
 
 from __future__ import annotations
@@ -19,18 +23,18 @@ import copy
 import hashlib
 import json
 import os
-import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from worker.training.config import TrainingConfig
-from worker.training.model import causal_lm
 
 STATE_FILE = "trainer_state.pt"
+EXACT_WEIGHTS_FILE = "exact_weights.safetensors"
 MARKER_FILE = "tunepool_checkpoint.json"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
@@ -74,25 +78,6 @@ def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
     return removed
 
 
-def rng_state() -> dict[str, Any]:
-    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:
@@ -115,16 +100,15 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     output_dir: Path,
     step: int,
-    model: Any,
+    write_weights: Callable[[Path], None],
     tokenizer: Any,
     trainer_state: dict[str, Any],
     meta: dict[str, Any],
     *,
-    is_lora: bool,
-    merge_lora: bool,
     keep_last_n: int,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last_n`."""
+    """Write checkpoint `step` atomically (weights by `write_weights(dir)`), then delete all but the
+    newest `keep_last_n`."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:06d}"
@@ -132,16 +116,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
-    if is_lora:
-        model.save_pretrained(tmp)  # the adapter only
-        if merge_lora:
-            # Merge a copy: merging in place and unmerging would not give back bit-identical weights.
-            merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(tmp / "merged")
-            tokenizer.save_pretrained(tmp / "merged")
-            del merged
-    else:
-        causal_lm(model).save_pretrained(tmp)
+    write_weights(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / MARKER_FILE).write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
@@ -157,8 +132,61 @@ def save_checkpoint(
     return final
 
 
+def output_key(lm: Any) -> str | None:
+    """The state-dict key of the output projection's weight (to drop when tied to the embeddings)."""
+    head = lm.get_output_embeddings()
+    for name, module in lm.named_modules():
+        if module is head:
+            return f"{name}.weight"
+    return None
+
+
+def write_full_model(
+    directory: Path, lm: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, tokenizer: Any = None
+) -> None:
+    """`lm`'s architecture with the weights of `state_dict` (full, on the CPU), saved in `dtype`
+    (the base model's); weights trained in a wider dtype also go to EXACT_WEIGHTS_FILE."""
+    tied = bool(getattr(lm.config.get_text_config(), "tie_word_embeddings", False))
+    key = output_key(lm)
+    weights = {k: v for k, v in state_dict.items() if not (tied and k == key)}
+    exact = {k: v.contiguous() for k, v in weights.items() if v.is_floating_point() and v.dtype != dtype}
+    narrow = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    lm.save_pretrained(directory, state_dict=narrow)
+    # transformers writes the in-memory model's dtype; the files hold `dtype`, which is what
+    # from_pretrained(dtype="auto") must load them as
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if exact:
+        save_file(exact, str(directory / EXACT_WEIGHTS_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def exact_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The master weights a full-fine-tune checkpoint saved beside its narrower HF weights (or {})."""
+    path = checkpoint / EXACT_WEIGHTS_FILE
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def write_lora(directory: Path, model: Any, tokenizer: Any, *, merge: bool, dtype: torch.dtype) -> None:
+    """The adapter; with `merge`, also the merged full model in the base's dtype under `merged/`."""
+    model.save_pretrained(directory)
+    if merge:
+        # Merge a copy: merging in place and unmerging would not give back bit-identical weights.
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged = merged.to(dtype)
+        merged.save_pretrained(directory / "merged")
+        tokenizer.save_pretrained(directory / "merged")
+        del merged
+
+
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    state: dict[str, Any] = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    # mmap: the tensors are read when used (rank 0 only, under FSDP), not copied into memory by every rank
+    state: dict[str, Any] = torch.load(
+        checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True
+    )
     return state
 
 
@@ -167,6 +195,11 @@ RESUME_FREE_FIELDS = {
     "output_dir",
     "device",
     "gradient_accumulation_steps",
+    "micro_batch_size",
+    "packing",
+    "attn_implementation",
+    "distributed",
+    "collective_timeout_s",
     "loss_chunk_size",
     "gradient_checkpointing",
     "checkpoint_every",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,9 +31,13 @@ class LoraConfig(BaseModel):
     # Dropout on the adapter input during training.
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Module names to adapt, or "all-linear" for every linear layer except the output projection.
+    # "lm_head" may be named: its adapter is part of the fused loss (trained like any other).
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     # Also write the merged full model (base + adapter) into each checkpoint's `merged/` folder.
     merge: bool = False
+    # QLoRA: keep the frozen base in 4-bit NormalFloat ("nf4", through bitsandbytes) instead of
+    # bf16/fp32; the adapters stay fp32. Needs bitsandbytes with a backend for the device.
+    quantize: Literal["nf4"] | None = None
 
     @model_validator(mode="after")
     def _check_targets(self) -> LoraConfig:
@@ -69,11 +73,20 @@ class TrainingConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1)
 
     # -- batching ---------------------------------------------------------------------------
-    # Sequences per optimizer step (the global batch).
+    # Sequences per optimizer step (the global batch, over all devices of the job).
     batch_size: int = Field(8, ge=1, le=65536)
-    # Micro-batches per optimizer step; batch_size must be a multiple of it. The loss is
-    # normalised by the step's trained-token count, so this changes memory, not the result.
+    # Micro-batches per optimizer step on each device; batch_size must be a multiple of it. The
+    # loss is normalised by the step's trained-token count N (over all devices), so this changes
+    # memory, not the result.
     gradient_accumulation_steps: int = Field(1, ge=1)
+    # Sequences per forward pass on one device (None: batch_size / (devices x
+    # gradient_accumulation_steps), rounded up). Give this or gradient_accumulation_steps, not both.
+    # An out-of-memory halves it for the rest of the run (same result, by the normaliser N).
+    micro_batch_size: int | None = Field(None, ge=1, le=65536)
+    # Padding-free batches: the sequences of a micro-batch are concatenated into one row, with
+    # position ids restarting per sequence and attention confined to each sequence. Same loss and
+    # gradients as padded batches, no compute spent on padding.
+    packing: bool = False
     # Longest sequence in tokens (prompt + completion after the chat template).
     max_seq_length: int = Field(2048, ge=8, le=1_048_576)
     # What to do with longer examples: "truncate" keeps the first max_seq_length tokens (an
@@ -103,16 +116,39 @@ class TrainingConfig(BaseModel):
     lora: LoraConfig | None = None
 
     # -- numerics and memory -----------------------------------------------------------------
-    # "cpu", "cuda", "cuda:N", or "auto" (CUDA when available).
+    # "cpu", "cuda", "cuda:N", or "auto" (CUDA when available). Under torchrun each process
+    # takes cuda:LOCAL_RANK.
     device: str = "auto"
-    # Forward-pass precision: "float32", "bfloat16" (autocast; weights and optimizer stay fp32),
-    # or "auto" (bfloat16 on a GPU that supports it, else float32). The loss is always fp32.
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Memory model:
+    # - "fp32": weights, compute and optimizer in float32 (exact; the CPU default);
+    # - "bf16-mixed": bf16 compute, fp32 master copies of the trained parameters and fp32
+    #   optimizer state; a LoRA base stays frozen in bf16 (the default on a bf16-capable GPU);
+    # - "bf16-pure": bf16 weights and optimizer state, for memory-bound full fine-tunes;
+    # - "auto": bf16-mixed on a GPU that supports bf16, else fp32.
+    # The fused loss accumulates in fp32 whatever the precision. ("float32" and "bfloat16", the
+    # older names, mean fp32 and bf16-mixed.)
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-pure"] = "auto"
     # Trained tokens per chunk of the fused loss; its extra memory is one chunk x vocab fp32 tile
     # (200 MB at 1024 x 49152). Smaller saves memory, larger wastes it: 1024 was fastest on CPU.
-    loss_chunk_size: int = Field(1024, ge=1)
+    loss_chunk_size: int = Field(1024, ge=1, le=1_048_576)
     # Recompute activations in the backward pass: less memory, ~30% more time.
     gradient_checkpointing: bool = False
+    # The attention kernel: "auto" (flash_attention_2 on CUDA where installed and the architecture
+    # supports it, else transformers' default for the architecture: sdpa, or eager), or one of
+    # transformers' names. Packing needs one that honours sequence boundaries: all of these do.
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    # A Jinja chat template that replaces the tokenizer's (e.g. one that renders reasoning
+    # models' turns the same way whatever follows them); None keeps the model's own.
+    chat_template: str | None = Field(None, min_length=1, max_length=200_000)
+
+    # -- several devices (torchrun --nproc-per-node K -m worker.training CONFIG) ----------------
+    # How K processes share one job: "ddp" replicates the model and all-reduces the gradients,
+    # "fsdp" shards parameters, gradients and optimizer state per decoder layer (FSDP2);
+    # "auto" is DDP for LoRA and FSDP for full fine-tunes. Ignored in a single process.
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Seconds a collective may wait for the other processes before the job fails (a hung or lost
+    # process). Covers rank 0 writing a checkpoint while the others wait for it.
+    collective_timeout_s: int = Field(900, ge=5, le=86_400)
 
     # -- checkpoints, evaluation, data checks ------------------------------------------------
     # Save a checkpoint every this many optimizer steps (None: only at the end). The final step
@@ -127,10 +163,21 @@ class TrainingConfig(BaseModel):
     # Longest accepted JSONL line in bytes; longer lines are rejected with their line number.
     max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
-    @property
-    def micro_batch_size(self) -> int:
-        """Sequences per forward pass."""
-        return self.batch_size // self.gradient_accumulation_steps
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_aliases(cls, value: object) -> object:
+        return (
+            {"float32": "fp32", "bfloat16": "bf16-mixed"}.get(value, value)
+            if isinstance(value, str)
+            else value
+        )
+
+    def device_micro_batch(self, world_size: int = 1) -> int:
+        """Sequences per forward pass on one of `world_size` devices (before any out-of-memory halving)."""
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        per_device = -(-self.batch_size // world_size)
+        return max(1, -(-per_device // self.gradient_accumulation_steps))
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainingConfig:
@@ -138,6 +185,25 @@ class TrainingConfig(BaseModel):
             raise ValueError(
                 f"gradient_accumulation_steps: {self.gradient_accumulation_steps} does not divide "
                 f"batch_size {self.batch_size}"
+            )
+        if self.micro_batch_size is not None:
+            if self.gradient_accumulation_steps != 1:
+                raise ValueError(
+                    "micro_batch_size: give micro_batch_size or gradient_accumulation_steps, not both"
+                )
+            if self.micro_batch_size > self.batch_size:
+                raise ValueError(
+                    f"micro_batch_size: {self.micro_batch_size} is larger than batch_size {self.batch_size}"
+                )
+        if self.lora is not None and self.precision == "bf16-pure":
+            raise ValueError(
+                "precision: bf16-pure is for full fine-tunes; with LoRA use bf16-mixed (the frozen base "
+                "is bf16 already, the adapters and their optimizer state stay fp32)"
+            )
+        if self.lora is not None and self.distributed == "fsdp":
+            raise ValueError(
+                "distributed: fsdp shards full fine-tunes; LoRA jobs replicate the frozen base (ddp, or "
+                "auto), since their adapters and gradients are small"
             )
         if self.eval_every is not None and self.validation_file is None:
             raise ValueError("eval_every: set validation_file too, or leave eval_every unset")

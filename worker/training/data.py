@@ -1,14 +1,16 @@
-"""From validated examples to padded micro-batches: tokenisation, loss masks, length grouping.
+"""From validated examples to micro-batches: tokenisation, loss masks, length grouping, sharding, packing.
 
 Which tokens are trained:
 - chat: the content tokens of every assistant message with weight 1, plus the end-of-turn token
-  the chat template puts right after it (`<|im_end|>` for ChatML); never the role header, never
-  anything after the end-of-turn token.
+  the chat template puts right after it; never the role header nor text the template adds around
+  the content, never anything after the end-of-turn token (chat.py says how they are located).
 - prompt/completion: the completion tokens plus the tokenizer's EOS token.
 
-The rendered conversation is cut at the assistant contents and each piece is tokenised on its
-own, so a mask boundary can never fall inside a token, and the trained tokens are exactly the
-ones the model will have to produce after the header at generation time.
+One optimizer step (a list of example indices, plan_epoch) is dealt to the job's processes
+(shard_step: longest first, round robin, so each gets about the same tokens), and each process cuts
+its share into micro-batches of at most `micro_batch_size` sequences of similar length
+(micro_batches). A micro-batch is either padded (rows [B, T] right-padded, with an attention mask)
+or packed (one row [1, total], no padding, position ids restarting at 0 for each sequence).
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ from typing import Any
 
 import torch
 
+# TemplateError is re-exported: the CLI and the worker import it from here.
+from worker.training.chat import TemplateError as TemplateError
+from worker.training.chat import chat_tokens, encode
 from worker.training.formats import ChatExample, Example, PromptCompletionExample, read_examples
-
-
-class TemplateError(ValueError):
-    """The tokenizer's chat template cannot be used to locate assistant turns."""
 
 
 @dataclass(frozen=True)
@@ -55,63 +56,9 @@ class TokenizedDataset:
     stats: DatasetStats = field(default_factory=DatasetStats)
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt
-    )
-    if not isinstance(text, str):
-        raise TemplateError("the chat template did not render to text")
-    return text
-
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]) if text else []
-
-
 def tokenize_chat(tokenizer: Any, example: ChatExample) -> TokenizedExample:
-    """Render with the model's chat template; train weight-1 assistant contents + end-of-turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError("the model's tokenizer has no chat template; use prompt/completion data")
-    messages = [{"role": m.role, "content": m.content} for m in example.messages]
-    full = _render(tokenizer, messages, generation_prompt=False)
-    # (start, end, trained) character spans of each assistant content in `full`
-    spans: list[tuple[int, int, bool]] = []
-    for i, message in enumerate(example.messages):
-        if message.role != "assistant":
-            continue
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
-        if not full.startswith(prefix):
-            raise TemplateError(
-                "the chat template renders earlier turns differently once later turns are added; "
-                "it cannot be used for multi-turn training"
-            )
-        start = len(prefix)
-        for content in (message.content, message.content.strip()):
-            found = full.find(content, start)
-            if found != -1 and not full[start:found].strip():
-                spans.append((found, found + len(content), message.weight == 1))
-                break
-        else:
-            raise TemplateError(f"line {example.line}: the chat template altered an assistant message")
-    ids: list[int] = []
-    trained: list[bool] = []
-    cursor = 0
-    pending_end_of_turn = False
-    for start, end, is_trained in [*spans, (len(full), len(full), False)]:
-        between = _encode(tokenizer, full[cursor:start])
-        if pending_end_of_turn:
-            # The token right after a trained content is its end-of-turn token: trained too.
-            if not between:
-                between = [tokenizer.eos_token_id]
-            trained.extend([True] + [False] * (len(between) - 1))
-        else:
-            trained.extend([False] * len(between))
-        ids.extend(between)
-        content_ids = _encode(tokenizer, full[start:end])
-        ids.extend(content_ids)
-        trained.extend([is_trained] * len(content_ids))
-        pending_end_of_turn = is_trained
-        cursor = end
+    """Render with the model's chat template; train weight-1 assistant contents + end-of-turn (chat.py)."""
+    ids, trained = chat_tokens(tokenizer, example)
     return TokenizedExample(ids, trained, example.line)
 
 
@@ -119,12 +66,12 @@ def tokenize_prompt_completion(tokenizer: Any, example: PromptCompletionExample)
     """Plain text: the prompt (with the tokenizer's own BOS, if any) untrained, completion + EOS trained."""
     if tokenizer.eos_token_id is None:
         raise TemplateError("the tokenizer has no EOS token to end completions with")
-    prompt_ids = _encode(tokenizer, example.prompt, add_special_tokens=True)
+    prompt_ids = encode(tokenizer, example.prompt, add_special_tokens=True)
     if not prompt_ids:
         # Position 0 has no prediction: start with BOS (or EOS) so the first completion token is trained.
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         prompt_ids = [start]
-    completion_ids = [*_encode(tokenizer, example.completion), tokenizer.eos_token_id]
+    completion_ids = [*encode(tokenizer, example.completion), tokenizer.eos_token_id]
     return TokenizedExample(
         prompt_ids + completion_ids,
         [False] * len(prompt_ids) + [True] * len(completion_ids),
@@ -191,18 +138,30 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [B, T] right-padded
-    attention_mask: torch.Tensor  # [B, T] 1 for real tokens
-    trained: torch.Tensor  # [B, T] bool, token t is a target
+    """One forward pass. Padded: B rows of T tokens. Packed: the sequences concatenated in one row.
+
+    The model is called as `model(input_ids, attention_mask=, position_ids=, use_cache=False)`. A packed
+    row has no attention mask: transformers then finds the sequences from the position ids (where they
+    restart) and attends within each one only (a block-diagonal causal mask for eager and sdpa,
+    varlen kernels for flash-attention). `use_cache=False` matters: with a KV cache (the default of
+    most configs) transformers skips that detection and lets each sequence see the ones before it.
+    """
+
+    input_ids: torch.Tensor  # [B, T] right-padded, or [1, total] packed
+    attention_mask: torch.Tensor | None  # [B, T] 1 for real tokens; None when packed
+    trained: torch.Tensor  # [B, T] / [1, total] bool, token t is a target (never a sequence's first)
     n_real: int  # real (non-padding) tokens
-    n_trained: int  # trained target tokens (positions >= 1)
+    n_trained: int  # trained target tokens
+    position_ids: torch.Tensor | None = None  # [1, total] 0, 1, ... per sequence if packed; else None
 
     @property
     def n_processed(self) -> int:
         return int(self.input_ids.numel())
 
 
-def collate(examples: Sequence[TokenizedExample], pad_id: int) -> MicroBatch:
+def collate(examples: Sequence[TokenizedExample], pad_id: int, *, packing: bool = False) -> MicroBatch:
+    if packing:
+        return _pack(examples)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -216,18 +175,66 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> MicroBatch:
     return MicroBatch(ids, mask, trained, int(mask.sum()), int(trained.sum()))
 
 
+def _pack(examples: Sequence[TokenizedExample]) -> MicroBatch:
+    ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)[None]
+    positions = torch.cat([torch.arange(len(e.input_ids)) for e in examples])[None]
+    # A sequence's first token is predicted by nothing of its own (the token before it in the row is
+    # the previous sequence's last): never a target.
+    trained = torch.tensor([on for e in examples for on in e.trained], dtype=torch.bool)[None]
+    trained &= positions > 0
+    total = int(ids.numel())
+    return MicroBatch(ids, None, trained, total, int(trained.sum()), position_ids=positions)
+
+
+def _longest_first(examples: Sequence[TokenizedExample], indices: Sequence[int]) -> list[int]:
+    return sorted(indices, key=lambda i: (-len(examples[i].input_ids), i))
+
+
+def shard_step(
+    examples: Sequence[TokenizedExample], step: Sequence[int], rank: int, world_size: int
+) -> list[int]:
+    """This process's share of one optimizer step: the step's examples longest first (ties by index),
+    dealt round robin, so every process gets about the same number of tokens; deterministic."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return _longest_first(examples, step)[rank::world_size]
+
+
+def micro_batch_count(step_size: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches of the busiest process, so that every process can run as many forward passes
+    (sharded training runs collectives in each; a process with fewer runs empty passes)."""
+    per_rank = -(-step_size // world_size)  # ceil: the first ranks get one sequence more
+    return -(-per_rank // micro_batch_size)
+
+
 def micro_batches(
-    examples: Sequence[TokenizedExample], step: Sequence[int], n_micro: int, pad_id: int
+    examples: Sequence[TokenizedExample],
+    indices: Sequence[int],
+    micro_batch_size: int,
+    pad_id: int,
+    *,
+    packing: bool = False,
 ) -> list[MicroBatch]:
-    """Split one optimizer step into up to n_micro micro-batches of similar length, longest first."""
-    ordered = sorted(step, key=lambda i: (-len(examples[i].input_ids), i))
-    size = -(-len(ordered) // n_micro)
+    """The given examples longest first, cut into consecutive micro-batches of at most
+    micro_batch_size sequences (so neighbours have similar lengths), each padded or packed."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+    ordered = _longest_first(examples, indices)
     return [
-        collate([examples[i] for i in ordered[j : j + size]], pad_id) for j in range(0, len(ordered), size)
+        collate([examples[i] for i in ordered[j : j + micro_batch_size]], pad_id, packing=packing)
+        for j in range(0, len(ordered), micro_batch_size)
     ]
 
 
-def eval_batches(examples: Sequence[TokenizedExample], batch_size: int, pad_id: int) -> Iterator[MicroBatch]:
-    ordered = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    for j in range(0, len(ordered), batch_size):
-        yield collate([examples[i] for i in ordered[j : j + batch_size]], pad_id)
+def eval_batches(
+    examples: Sequence[TokenizedExample],
+    batch_size: int,
+    pad_id: int,
+    *,
+    packing: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[MicroBatch]:
+    """This process's share of the validation set (dealt as shard_step deals a step), in batches."""
+    share = shard_step(examples, range(len(examples)), rank, world_size)
+    yield from micro_batches(examples, share, batch_size, pad_id, packing=packing)

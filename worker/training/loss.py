@@ -1,34 +1,49 @@
 """Fused, chunked linear cross-entropy for SFT and DFT.
 
 The output projection and the loss are computed together, a chunk of trained tokens at a time,
-so the full `[n, V]` logits never exist: the extra memory is one `[chunk, V]` fp32 tile plus the
-gradients themselves. The gradients are computed in the forward pass from their closed form
-(design.md, "The method: DFT"):
+so the full `[n, V]` logits never exist: the extra memory is one `[chunk, V]` fp32 tile (two with
+a soft-cap and gradients) plus the gradients themselves. The logits are those of the model's head:
 
-    dL/dz_t = w_t * (softmax(z_t) - onehot(y_t)) / N,   w_t = 1 (SFT) or sg(p_t) (DFT)
+    raw_t = h_t W^T + b + u_t B^T                  (u B^T: a LoRA pair on the projection, optional)
+    z_t   = softcap(s * raw_t),  softcap(x) = cap * tanh(x / cap)  (the identity without a cap)
 
-so forward + backward costs the three `[n, d] x [d, V]`-sized matrix products the gradient
-needs and no recomputation. The one-hot is subtracted from the softmax tile in place (one entry
-per row), and the scale `c = w / N` is folded into the small `[c, d]` operands of the products
-instead of a pass over the `[c, V]` tile:
+with s the head's logit scale (Cohere's `logit_scale`, 1 / Granite's `logits_scaling`) and cap its
+soft-cap (Gemma-2/3's `final_logit_softcapping`, RecurrentGemma's `logits_soft_cap`). The gradients
+are computed in the forward pass from their closed form (design.md, "The method: DFT"):
 
-    G = softmax(z) - onehot(y)          grad_h = c ⊙ (G @ W)          grad_W = G^T @ (c ⊙ h)
+    dL/dz_t   = w_t * (softmax(z_t) - onehot(y_t)) / N,   w_t = 1 (SFT) or sg(p_t) (DFT)
+    dL/draw_t = dL/dz_t ⊙ s (1 - tanh²(s raw_t / cap))    (⊙ s alone without a cap)
 
-All arithmetic is fp32 whatever the input dtype (bf16 hidden states under autocast, say), so
-sums over long sequences do not lose precision.
+so forward + backward costs the three `[n, d] x [d, V]`-sized matrix products the gradient needs
+and no recomputation. The one-hot is subtracted from the softmax tile in place (one entry per row),
+the cap's factor is one in-place product with the second tile, and the per-row scale `c = w s / N`
+is folded into the small `[c, d]` and `[c, r]` operands instead of a pass over the `[c, V]` tile:
+
+    G = (softmax(z) - onehot(y)) ⊙ (1 - tanh²)       grad_h = c ⊙ (G @ W)    grad_W = G^T @ (c ⊙ h)
+    grad_b = G^T c                                   grad_u = c ⊙ (G @ B)    grad_B = G^T @ (c ⊙ u)
+
+The softmax tile and the statistics are fp32 whatever the input dtype, so sums over long sequences
+do not lose precision. The products are fp32 too (inputs upcast; W's upcast is O(V*d), never
+O(n*V)), except on CUDA with bf16 (or fp16) hidden states and weight: there the three big products
+take those inputs as they are, accumulate in fp32 and write fp32 (`torch.mm(..., out_dtype=float32)`),
+so no fp32 copy of W is made and tensor cores are used; G is rounded to that dtype for the two
+gradient products (one more `[chunk, V]` buffer of half a tile). The LoRA products (rank r) stay fp32.
+
+With grad mode off (`torch.no_grad()`, `torch.inference_mode()`: evaluation) or no input requiring
+a gradient, no gradient buffer is allocated and no autograd.Function runs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-LossMode = Literal["sft", "dft"]
+from worker.training.loss_chunks import F32, Spec, fused
 
-# Number of statistics returned per call, in this order (see LossStats).
-_N_STATS = 5
+LossMode = Literal["sft", "dft"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,7 @@ class LossStats:
     loss_sum: float  # sum of the objective's per-token terms: w_t * -log p_t
     nll_sum: float  # sum of -log p_t (plain NLL, whatever the mode)
     prob_sum: float  # sum of p_t (mean target probability = prob_sum / tokens)
-    correct: float  # tokens whose argmax prediction is the target
+    correct: float  # tokens whose argmax prediction (of the transformed logits) is the target
     tokens: float  # number of trained tokens
 
     @classmethod
@@ -60,8 +75,20 @@ class LossStats:
         return cls(0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+def allow_tf32() -> None:
+    """Let fp32 matrix products on CUDA use TF32 tensor cores (the trainer calls it for CUDA jobs).
+
+    `torch.set_float32_matmul_precision("high")` rather than the two `allow_tf32` flags: it is the
+    documented, backend-neutral switch (the one torch.compile asks for), it does not mix the legacy
+    flags with the per-backend `fp32_precision` settings that newer torch prefers, and the flag it
+    leaves alone, `torch.backends.cudnn.allow_tf32`, is already true by default and only concerns
+    convolutions. It is process-wide: tests that need exact fp32 products set "highest" back.
+    """
+    torch.set_float32_matmul_precision("high")
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and exact gradients of `-(1/N) sum_t w_t log softmax(h_t W^T + b)[y_t]`."""
+    """Loss and exact gradients of `-(1/N) sum_t w_t log softmax(z_t)[y_t]` (z as in the module doc)."""
 
     @staticmethod
     def forward(
@@ -69,44 +96,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden: torch.Tensor,  # [n, d] final hidden states of the trained positions
         weight: torch.Tensor,  # [V, d] output projection
         bias: torch.Tensor | None,  # [V] or None
+        lora_u: torch.Tensor | None,  # [n, r] or None
+        lora_b: torch.Tensor | None,  # [V, r] or None
         targets: torch.Tensor,  # [n] int64 next-token ids
-        dft: bool,
-        normalizer: float,  # N: trained tokens of the whole optimizer step
-        chunk_size: int,
+        spec: Spec,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, d = hidden.shape
-        vocab = weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        device = hidden.device
-        f32 = torch.float32
-
-        # fp32 views of the projection: a no-op for fp32 weights; O(V*d), never O(n*V), otherwise.
-        w32 = weight if weight.dtype == f32 else weight.to(f32)
-        b32 = None if bias is None else bias.to(f32)
-        grad_h = torch.empty((n, d), dtype=f32, device=device) if need_h else None
-        grad_w = torch.zeros((vocab, d), dtype=f32, device=device) if need_w else None
-        grad_b = torch.zeros((vocab,), dtype=f32, device=device) if need_b else None
-        stats = torch.zeros(_N_STATS, dtype=torch.float64, device=device)
-
-        # Under autocast the products below would silently run in bf16: this function is fp32 inside.
-        with torch.autocast(device_type=device.type, enabled=False):
-            _chunked_forward(
-                hidden, w32, b32, targets, dft, normalizer, chunk_size, stats, grad_h, grad_w, grad_b
-            )
-
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
-        ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        lora = None if lora_u is None or lora_b is None else (lora_u, lora_b)
+        stats, grads = fused(hidden, weight, bias, lora, targets, spec, tuple(ctx.needs_input_grad[:5]))
+        buffers = grads.all()
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in buffers))
+        ctx.has = tuple(t is not None for t in buffers)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias, lora_u, lora_b))
         ctx.mark_non_differentiable(stats)
-        loss = (stats[0] / normalizer).to(f32)
+        loss = (stats[0] / spec.normalizer).to(F32)
         return loss, stats
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_stats: torch.Tensor) -> tuple[Any, ...]:
-        saved = ctx.saved_tensors
         grads: list[torch.Tensor | None] = []
-        for tensor, has, dtype in zip(saved, ctx.has, ctx.dtypes, strict=True):
+        for tensor, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes, strict=True):
             if not has:
                 grads.append(None)
                 continue
@@ -114,73 +122,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if not bool(torch.all(grad_loss == 1)):
                 tensor = tensor * grad_loss
             grads.append(tensor.to(dtype))
-        return grads[0], grads[1], grads[2], None, None, None, None
-
-
-def _chunked_forward(
-    hidden: torch.Tensor,
-    w32: torch.Tensor,
-    b32: torch.Tensor | None,
-    targets: torch.Tensor,
-    dft: bool,
-    normalizer: float,
-    chunk_size: int,
-    stats: torch.Tensor,
-    grad_h: torch.Tensor | None,
-    grad_w: torch.Tensor | None,
-    grad_b: torch.Tensor | None,
-) -> None:
-    """The chunk loop: adds to `stats` (LossStats order) and fills the gradient buffers given."""
-    n = hidden.shape[0]
-    vocab = w32.shape[0]
-    device = hidden.device
-    f32 = torch.float32
-    need_grad = grad_h is not None or grad_w is not None or grad_b is not None
-    c_max = max(1, min(chunk_size, n))
-    # The one [c, V] tile: logits, then (in place) probabilities, then softmax - onehot.
-    tile_buf = torch.empty((c_max, vocab), dtype=f32, device=device)
-    for start in range(0, n, c_max):
-        end = min(start + c_max, n)
-        rows = end - start
-        h = hidden[start:end].to(f32)  # [c, d]
-        y = targets[start:end]  # [c]
-        z = tile_buf[:rows]
-        torch.mm(h, w32.t(), out=z)  # [c, V] logits
-        if b32 is not None:
-            z.add_(b32)
-        z_y = z.gather(1, y[:, None]).squeeze(1)  # [c] target logits
-        z_max, argmax = z.max(dim=1)  # [c], [c]
-        # softmax in place, one cache-friendly pass per row (a row is read in full before it is written)
-        p = torch._softmax(z, 1, False, out=z)  # [c, V] probabilities
-        # log-sum-exp without another pass over the tile: softmax at the argmax is 1/sum(exp(z - max)),
-        # which is >= 1/V, so its log is exact where log(p_y) could underflow.
-        p_max = p.gather(1, argmax[:, None]).squeeze(1)
-        log_p_y = z_y - z_max + torch.log(p_max)  # [c]
-        p_y = torch.exp(log_p_y)
-        w_t = p_y if dft else torch.ones_like(p_y)  # DFT weight: the target probability, no gradient
-        stats += torch.stack(
-            (
-                -(w_t * log_p_y).sum(),
-                -log_p_y.sum(),
-                p_y.sum(),
-                (argmax == y).sum().to(f32),
-                torch.tensor(float(rows), device=device),
-            )
-        ).double()
-        if not need_grad:
-            continue
-        # softmax - onehot, in place: c entries of the tile, not a pass over it
-        rows_idx = torch.arange(rows, device=device)
-        p[rows_idx, y] -= 1.0
-        coef = (w_t / normalizer)[:, None]  # [c, 1]
-        if grad_h is not None:
-            g = grad_h[start:end]
-            torch.mm(p, w32, out=g)  # [c, d]
-            g.mul_(coef)
-        if grad_w is not None:
-            grad_w.addmm_(p.t(), coef * h)  # [V, d]
-        if grad_b is not None:
-            grad_b.addmv_(p.t(), coef.squeeze(1))  # [V]
+        return *grads, None, None
 
 
 def fused_linear_cross_entropy(
@@ -192,19 +134,26 @@ def fused_linear_cross_entropy(
     mode: LossMode = "dft",
     normalizer: float | None = None,
     chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """The SFT or DFT objective of the trained positions, and its statistics.
 
-    hidden:     [n, d] final hidden states of the positions whose next token is trained
-    weight:     [V, d] output projection (lm_head.weight); bias: [V] or None
-    targets:    [n] the next-token ids
-    normalizer: N, the trained-token count of the whole optimizer step (defaults to n), so that
-                accumulating micro-batches gives the same gradient as one big batch
-    chunk_size: tokens per chunk; the extra memory is one chunk_size x V fp32 tile (200 MB at 1024
-                tokens and SmolLM2's 49152 vocabulary) plus the gradients
+    hidden:      [n, d] final hidden states of the positions whose next token is trained
+    weight:      [V, d] output projection (lm_head.weight, or a LoRA layer's base weight); bias: [V] or None
+    targets:     [n] the next-token ids
+    normalizer:  N, the trained-token count of the whole optimizer step (defaults to n), so that
+                 accumulating micro-batches gives the same gradient as one big batch
+    chunk_size:  tokens per chunk; the extra memory is one chunk_size x V fp32 tile (200 MB at 1024
+                 tokens and SmolLM2's 49152 vocabulary), two with a soft-cap, plus the gradients
+    logit_scale: s, multiplies the logits (Cohere's logit_scale; 1 / Granite's logits_scaling)
+    softcap:     cap, logits = cap * tanh(s * raw / cap) (Gemma-2/3, RecurrentGemma); None: no cap
+    lora:        (u [n, r], B [V, r]): u B^T is added to the raw logits (u = scaling * A(dropout(h)),
+                 computed by the caller with ordinary autograd; B = lora_B.weight)
 
-    Returns the scalar loss (differentiable w.r.t. hidden, weight and bias) and the sums of
-    LossStats over these n tokens.
+    Returns the scalar loss (differentiable w.r.t. hidden, weight, bias, u and B, for those that
+    require a gradient) and the sums of LossStats over these n tokens, of the transformed logits.
     """
     if mode not in ("sft", "dft"):
         raise ValueError(f"mode: expected 'sft' or 'dft', got {mode!r}")
@@ -214,15 +163,47 @@ def fused_linear_cross_entropy(
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"shapes: targets {tuple(targets.shape)} for {hidden.shape[0]} hidden states")
+    _check_head(hidden, weight, logit_scale, softcap, lora)
     n = hidden.shape[0]
     norm = float(n if normalizer is None else normalizer)
+    inputs = (hidden, weight, bias, *(lora or (None, None)))
     if n == 0:
         # No trained token in this micro-batch: a zero that still connects to the graph.
-        zero = hidden.sum() * 0.0 + weight.sum() * 0.0
+        zero = sum((t.sum() * 0.0 for t in inputs if t is not None), torch.zeros((), device=hidden.device))
         return zero.float(), LossStats.zero()
     if norm <= 0:
         raise ValueError(f"normalizer must be positive, got {norm}")
-    loss, stats = _FusedLinearCrossEntropy.apply(
-        hidden, weight, bias, targets.long(), mode == "dft", norm, int(chunk_size)
-    )
+    spec = Spec(mode == "dft", norm, int(chunk_size), float(logit_scale), softcap)
+    needs = tuple(t is not None and t.requires_grad for t in inputs)
+    if not torch.is_grad_enabled() or not any(needs):
+        # Evaluation: no gradient buffer, no autograd node.
+        stats, _ = fused(hidden, weight, bias, lora, targets.long(), spec, (False,) * 5)
+        return (stats[0] / norm).to(F32), LossStats.from_tensor(stats)
+    loss, stats = _FusedLinearCrossEntropy.apply(*inputs, targets.long(), spec)
     return loss, LossStats.from_tensor(stats)
+
+
+def _check_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    logit_scale: float,
+    softcap: float | None,
+    lora: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    if not math.isfinite(logit_scale) or logit_scale == 0:
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if lora is None:
+        return
+    u, b = lora
+    if (
+        u.dim() != 2
+        or b.dim() != 2
+        or u.shape[0] != hidden.shape[0]
+        or b.shape != (weight.shape[0], u.shape[1])
+    ):
+        raise ValueError(
+            f"lora: u {tuple(u.shape)} and B {tuple(b.shape)} do not fit hidden {tuple(hidden.shape)} "
+            f"and weight {tuple(weight.shape)} (expected u [n, r] and B [V, r])"
+        )

@@ -32,10 +32,12 @@ def _clean(value: Any) -> Any:
 class JsonlLog:
     """Append-only JSON lines, one flush per row."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled  # False: a rank other than 0, which reads but never writes
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.repair()
+        if enabled:
+            self.repair()
 
     def repair(self) -> bool:
         """Cut a last line left without its newline (a write that a kill or a full disk stopped
@@ -64,6 +66,8 @@ class JsonlLog:
             return True
 
     def append(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         line = json.dumps({k: _clean(v) for k, v in row.items()}, allow_nan=False)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -82,6 +86,8 @@ class JsonlLog:
 
     def truncate_after_step(self, step: int) -> None:
         """Keep only rows with `step` <= step (rows without a step are kept), atomically."""
+        if not self.enabled:
+            return
         rows = [r for r in self.read() if int(r.get("step", 0)) <= step]
         tmp = self.path.with_suffix(".tmp")
         try:
@@ -93,12 +99,14 @@ class JsonlLog:
 
 
 class RunLog:
-    """metrics.jsonl and events.jsonl of one output_dir."""
+    """metrics.jsonl, events.jsonl and summary.json of one output_dir. In a multi-GPU job every
+    rank has one, and only rank 0's (`enabled`) writes: the one helper for rank-0-only I/O."""
 
-    def __init__(self, output_dir: Path) -> None:
-        self.metrics = JsonlLog(output_dir / METRICS_FILE)
-        self.events = JsonlLog(output_dir / EVENTS_FILE)
+    def __init__(self, output_dir: Path, *, enabled: bool = True) -> None:
+        self.metrics = JsonlLog(output_dir / METRICS_FILE, enabled=enabled)
+        self.events = JsonlLog(output_dir / EVENTS_FILE, enabled=enabled)
         self.summary_path = output_dir / SUMMARY_FILE
+        self.enabled = enabled
 
     def event(self, level: str, message: str, step: int, **data: Any) -> dict[str, Any]:
         row = {"time": round(time.time(), 3), "level": level, "step": step, "message": message, **data}
@@ -106,6 +114,8 @@ class RunLog:
         return row
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         tmp = self.summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2, default=str))
         os.replace(tmp, self.summary_path)

@@ -1,44 +1,57 @@
 """The training loop every worker runs, top to bottom: setup, train, evaluate, save, resume.
 
-One optimizer step = `batch_size` sequences, split into `gradient_accumulation_steps`
-micro-batches of similar length. Each micro-batch runs the model's backbone only; the hidden
-states of the trained positions go to the fused loss (loss.py) with the step's trained-token
-count N as normaliser, so the step's gradient does not depend on how the batch was split.
+One optimizer step = `batch_size` sequences over all the job's processes (one, or K under
+torchrun: distributed.py). Each process takes its share of the step (longest first, dealt round
+robin) and splits it into micro-batches of `micro_batch_size` sequences; each micro-batch runs
+the Objective (objective.py: the backbone, then the fused loss over the output projection) with
+the step's trained-token count N, all-reduced over the processes, as normaliser. So the step's
+gradient does not depend on the number of processes nor on how the batch was split, which is
+also what makes halving the micro-batch after an out-of-memory safe (memory.py).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from worker.training import checkpoint as ckpt
+from worker.training import memory
 from worker.training.config import TrainingConfig
 from worker.training.data import (
     MicroBatch,
     TokenizedDataset,
+    TokenizedExample,
+    collate,
     eval_batches,
-    load_dataset,
+    micro_batch_count,
     micro_batches,
     plan_epoch,
+    shard_step,
     steps_per_epoch,
 )
-from worker.training.errors import InvalidDataError, TrainingError, UnusableDataError
-from worker.training.formats import DataFormatError
-from worker.training.loss import LossStats, fused_linear_cross_entropy
-from worker.training.model import causal_lm, prepare_model, resolve_device
+from worker.training.distributed import (
+    World,
+    all_reduce_gradients,
+    full_tensor,
+    init_world,
+    shut_down,
+    world_from_env,
+)
+from worker.training.errors import TrainingError
+from worker.training.loss import LossStats, allow_tf32
+from worker.training.model import base_dtype, causal_lm, head_candidates, resolve_device, resolve_precision
+from worker.training.objective import self_check
 from worker.training.optim import build_optimizer, build_scheduler
 from worker.training.outputs import RunLog
+from worker.training.setup import build_model, full_state_dict, load_data, optimizer_state, restore_optimizer
 
 Row = dict[str, Any]
 # The metrics of the last step that summary.json repeats as "final".
@@ -51,7 +64,7 @@ _FINAL_FIELDS = (
     "valid_nll",
     "valid_token_accuracy",
 )
-__all__ = ["InvalidDataError", "Trainer", "TrainingError", "train"]
+__all__ = ["Trainer", "TrainingError", "train"]
 
 
 @dataclass
@@ -81,36 +94,46 @@ class Trainer:
         self.elapsed_before = 0.0  # seconds spent by earlier runs of this job (before a resume)
         self.started = time.perf_counter()  # reset when train() starts
         self.last_row: Row = {}
+        self.world: World = world_from_env()
 
     def event(self, level: str, message: str, **data: Any) -> None:
-        self.on_event(self.log.event(level, message, self.step, **data))
+        """Rank 0 writes events (every rank of a multi-GPU job would say the same)."""
+        if self.world.is_main:
+            self.on_event(self.log.event(level, message, self.step, **data))
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        self.log = RunLog(cfg.output_dir)
-        self.device = resolve_device(cfg.device)
-        use_bf16 = cfg.precision == "bfloat16" or (
-            cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.device = resolve_device(cfg.device, self.world.local_rank)
+        self.world = init_world(self.world, self.device, cfg.collective_timeout_s)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cuda":
+            allow_tf32()
+        world = self.world
+        # FSDP shards full fine-tunes; LoRA replicates (its adapters and their gradients are small).
+        self.sharded = world.distributed and (
+            cfg.distributed == "fsdp" or (cfg.distributed == "auto" and not cfg.lora)
         )
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        torch.manual_seed(cfg.seed)
-
-        for leftover in ckpt.remove_partial_checkpoints(cfg.output_dir):
-            self.event("warning", f"removed {leftover.name}, an incomplete checkpoint left by a killed save")
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(cfg.output_dir, enabled=world.is_main)
+        if world.is_main:
+            for leftover in ckpt.remove_partial_checkpoints(cfg.output_dir):
+                self.event(
+                    "warning", f"removed {leftover.name}, an incomplete checkpoint left by a killed save"
+                )
+        world.barrier()
         resume_from = ckpt.latest_checkpoint(cfg.output_dir)
+        torch.manual_seed(cfg.seed)  # fresh LoRA adapters are drawn from it: the same on every rank
 
-        model, self.tokenizer = prepare_model(cfg, resume_from)
-        self.model = model.to(self.device)
+        self.objective, self.tokenizer = build_model(
+            cfg, resume_from, self.precision, self.device, world, self.sharded
+        )
+        self.model = self.objective.model
         self.lm = causal_lm(self.model)
-        self.backbone = self.lm.get_decoder()  # the transformer without its output projection
-        self.head = self.lm.get_output_embeddings()
         self.pad_id = int(self.tokenizer.pad_token_id)
+        self.base_dtype = base_dtype(cfg.model)
 
-        # Data.
+        # Data: every process reads and tokenises the same files (deterministic), then takes its share.
         self.train_data = self._load_data(cfg.train_file, "train_file")
         self.valid_data = (
             self._load_data(cfg.validation_file, "validation_file") if cfg.validation_file else None
@@ -120,31 +143,50 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._plan: tuple[int, list[list[int]]] = (-1, [])
+        self.memory = memory.MemoryPlan(
+            memory.planned_micro_batch(cfg.output_dir, cfg.device_micro_batch(world.world_size)),
+            cfg.output_dir,
+            world,
+            self.device,
+            self.sharded,
+            memory.advice(
+                lora=cfg.lora is not None,
+                checkpointing=cfg.gradient_checkpointing,
+                max_seq_length=cfg.max_seq_length,
+                world_size=world.world_size,
+                sharded=self.sharded,
+            ),
+            on_halve=self._halved,
+        )
 
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
 
+        head = self_check(self.objective, self._probe_batch(), head_candidates(self.lm.config), cfg.model)
+        self._reshard()
+        self.objective.head = head
+        if head.describe() != "plain":
+            self.event("info", f"output head: {head.describe()} (checked against the model's own logits)")
         self.fingerprint = ckpt.run_fingerprint(cfg)
         if resume_from is not None:
             self.resume(resume_from)
         else:
             self.log.metrics.truncate_after_step(0)  # rows of a run killed before its first checkpoint
+            memory.allocate_optimizer_state(self.optimizer, self.params)
+        self.event(
+            "info",
+            f"training on {world.world_size} {self.device.type} process{'es' if world.distributed else ''}"
+            + (f" ({'fsdp' if self.sharded else 'ddp'})" if world.distributed else "")
+            + f", precision {self.precision.name}, micro-batch {self.memory.size}",
+            world_size=world.world_size,
+            precision=self.precision.name,
+        )
+        self.preflight()
 
     def _load_data(self, path: Path, field: str) -> TokenizedDataset:
         cfg = self.config
-        if not path.is_file():
-            raise UnusableDataError(field, f"{path} does not exist")
-        try:
-            data = load_dataset(
-                path,
-                self.tokenizer,
-                max_seq_length=cfg.max_seq_length,
-                overlength=cfg.overlength,
-                max_line_bytes=cfg.max_line_bytes,
-            )
-        except DataFormatError as err:
-            raise InvalidDataError(field, err) from None
+        data = load_data(path, field, self.tokenizer, cfg)
         stats = data.stats
         if stats.n_truncated or stats.n_dropped:
             self.event(
@@ -154,12 +196,6 @@ class Trainer:
                 truncated=stats.n_truncated,
                 dropped=stats.n_dropped,
             )
-        if not data.examples:
-            raise UnusableDataError(
-                field,
-                f"all {stats.n_lines} examples are longer than max_seq_length={cfg.max_seq_length} "
-                "or have no trained token left after truncation; raise max_seq_length",
-            )
         self.event(
             "info",
             f"{field}: {len(data.examples)} {data.format} examples, {stats.n_trained_tokens} trained tokens",
@@ -168,6 +204,47 @@ class Trainer:
         )
         return data
 
+    def _probe_batch(self) -> MicroBatch:
+        """One real training sequence (at most 512 tokens) for the head's self-check."""
+        example = next(e for e in self.train_data.examples if any(e.trained[1:]))
+        cut = TokenizedExample(example.input_ids[:512], example.trained[:512], example.line)
+        if not any(cut.trained[1:]):
+            cut = example
+        return collate([cut], self.pad_id)
+
+    def _seed(self) -> None:
+        """Every step draws from a generator seeded by (seed, step, rank): dropout is the same
+        whether the run was interrupted or not, with no generator state to save."""
+        torch.manual_seed((self.config.seed * 1_000_003 + self.step * 7919 + self.world.rank) % 2**63)
+
+    # -- memory --------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """The largest micro-batch this run will see, forward and backward once (discarded)."""
+        examples = self.train_data.examples
+        longest = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+
+        def largest() -> None:
+            size = self.memory.size
+            batch = micro_batches(examples, longest[:size], size, self.pad_id, packing=self.config.packing)[0]
+            self.objective(batch, float(max(batch.n_trained, 1))).loss.backward()
+
+        self.objective.train()
+        while not self.memory.fits(largest, self._clear_gradients):
+            pass
+        self._clear_gradients()
+
+    def _clear_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _halved(self, size: int, error: str) -> None:
+        self.event(
+            "warning",
+            f"out of memory with micro-batch {size * 2}; retrying with {size} "
+            f"(same result: the step's loss is normalised by its trained tokens)",
+            micro_batch_size=size,
+            error=error,
+        )
+
     # -- train ---------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg = self.config
@@ -175,7 +252,7 @@ class Trainer:
         status = "completed"
         checkpoint = ckpt.latest_checkpoint(cfg.output_dir)
         while self.step < self.total_steps:
-            if self.should_stop():
+            if self.world.from_main(self.should_stop()):
                 status = "cancelled"
                 self.event("info", f"stopped at step {self.step} on request; last checkpoint kept")
                 break
@@ -193,7 +270,8 @@ class Trainer:
                 row.update(self.evaluate())
             self.last_row = row
             self.log.metrics.append(row)
-            self.on_metrics(row)
+            if self.world.is_main:
+                self.on_metrics(row)
             if self.step == self.total_steps or (
                 cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             ):
@@ -203,45 +281,74 @@ class Trainer:
         return TrainResult(status, self.step, self.total_steps, checkpoint, summary)
 
     def forward_loss(self, batch: MicroBatch, normalizer: float) -> tuple[torch.Tensor, LossStats]:
-        ids = batch.input_ids.to(self.device)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else nullcontext()
+        out = self.objective(batch, normalizer)
+        return out.loss, out.stats
+
+    def _accumulate(self, local: list[int], normalizer: float, step_size: int) -> list[float]:
+        """Forward and backward of this rank's micro-batches; [loss, nll, prob, correct, tokens,
+        real, processed, aux x tokens] summed over them."""
+        examples = self.train_data.examples
+        batches = micro_batches(examples, local, self.memory.size, self.pad_id, packing=self.config.packing)
+        # FSDP runs collectives in every pass: a rank with fewer sequences runs empty passes.
+        passes = (
+            micro_batch_count(step_size, self.world.world_size, self.memory.size)
+            if self.sharded
+            else len(batches)
         )
-        with autocast:
-            out = self.backbone(
-                input_ids=ids, attention_mask=batch.attention_mask.to(self.device), use_cache=False
+        sums = [0.0] * 8
+        for i in range(passes):
+            batch = batches[i] if i < len(batches) else self._empty_batch()
+            out = self.objective(batch, normalizer, aux_weight=batch.n_trained / normalizer)
+            out.loss.backward()
+            s = out.stats
+            real = batch.n_real if i < len(batches) else 0
+            processed = batch.n_processed if i < len(batches) else 0
+            values = (
+                s.loss_sum,
+                s.nll_sum,
+                s.prob_sum,
+                s.correct,
+                s.tokens,
+                real,
+                processed,
+                out.aux_loss * s.tokens,
             )
-        hidden = out.last_hidden_state  # [B, T, d]
-        targets = batch.trained[:, 1:].to(self.device)  # [B, T-1]: is token t+1 trained?
-        h = hidden[:, :-1][targets]  # [n, d] states that predict a trained token
-        y = ids[:, 1:][targets]  # [n]
-        return fused_linear_cross_entropy(
-            h,
-            self.head.weight,
-            y,
-            bias=self.head.bias,
-            mode=self.config.loss,
-            normalizer=normalizer,
-            chunk_size=self.config.loss_chunk_size,
+            sums = [a + b for a, b in zip(sums, values, strict=True)]
+        return sums
+
+    def _empty_batch(self) -> MicroBatch:
+        """A pass with nothing to train (the shortest example, no target): keeps FSDP in step."""
+        shortest = min(self.train_data.examples, key=lambda e: len(e.input_ids))
+        return collate(
+            [TokenizedExample(shortest.input_ids, [False] * len(shortest.input_ids), shortest.line)],
+            self.pad_id,
         )
 
     def train_step(self, indices: list[int]) -> Row:
         cfg = self.config
         t0 = time.perf_counter()
-        self.model.train()
-        batches = micro_batches(
-            self.train_data.examples, indices, cfg.gradient_accumulation_steps, self.pad_id
-        )
-        n_trained = sum(b.n_trained for b in batches)  # N: the normaliser of the whole step
-        stats = LossStats.zero()
-        for batch in batches:
-            loss, batch_stats = self.forward_loss(batch, normalizer=max(n_trained, 1))
-            loss.backward()
-            stats += batch_stats
+        world = self.world
+        local = shard_step(self.train_data.examples, indices, world.rank, world.world_size)
+        # N, the normaliser of the whole step: this rank's trained tokens, summed over the ranks.
+        (n_trained,) = world.sum([float(sum(self.train_data.examples[i].n_trained for i in local))])
+        # Gradients are averaged over ranks, so each rank's share is scaled by world_size.
+        normalizer = max(n_trained, 1.0) / world.world_size
+        sums: list[float] = []
+
+        def work() -> None:
+            nonlocal sums
+            self._seed()
+            sums = self._accumulate(local, normalizer, len(indices))
+
+        self.objective.train()
+        while not self.memory.fits(work, self._clear_gradients):
+            pass
+        if not self.sharded:
+            all_reduce_gradients(self.params, world)
+        sums = world.sum(sums)
+        loss_sum, nll_sum, prob_sum, correct, tokens, real, processed, aux = sums
         grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(0.0)
         lr = self.scheduler.get_last_lr()[0]
         skipped = not bool(torch.isfinite(grad_norm))
         if skipped:
@@ -258,30 +365,37 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
 
-        real = sum(b.n_real for b in batches)
-        processed = sum(b.n_processed for b in batches)
-        self.counters["trained_tokens"] += n_trained
-        self.counters["real_tokens"] += real
-        self.counters["processed_tokens"] += processed
+        self.counters["trained_tokens"] += int(n_trained)
+        self.counters["real_tokens"] += int(real)
+        self.counters["processed_tokens"] += int(processed)
         dt = time.perf_counter() - t0
-        tokens = max(stats.tokens, 1.0)
-        return {
+        tokens = max(tokens, 1.0)
+        row = {
             "step": self.step,
             "total_steps": self.total_steps,
             "epoch": round(self.step / self.steps_per_epoch, 4),
-            "loss": stats.loss_sum / tokens,
-            "nll": stats.nll_sum / tokens,
-            "mean_token_prob": stats.prob_sum / tokens,
-            "token_accuracy": stats.correct / tokens,
+            "loss": loss_sum / tokens,
+            "nll": nll_sum / tokens,
+            "mean_token_prob": prob_sum / tokens,
+            "token_accuracy": correct / tokens,
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "step_tokens": n_trained,
+            "step_tokens": int(n_trained),
             "trained_tokens": self.counters["trained_tokens"],
             "tokens_per_sec": n_trained / dt,
-            "padding_fraction": 1.0 - real / processed,
+            "padding_fraction": 1.0 - real / max(processed, 1.0),
             "skipped": skipped,
             "elapsed_s": round(self.elapsed(), 3),
         }
+        if self.objective.aux_coef:
+            row["aux_loss"] = aux / tokens
+        return row
+
+    def _reshard(self) -> None:
+        """FSDP keeps the root's parameters gathered after a forward, for the backward that usually
+        follows; after forwards without one (evaluation, the self-check) they are sharded again."""
+        if self.sharded:
+            self.objective.reshard()  # type: ignore[operator]
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -290,55 +404,91 @@ class Trainer:
     def evaluate(self) -> Row:
         """valid_loss (the objective), valid_nll, valid_token_accuracy, valid_mean_token_prob."""
         assert self.valid_data is not None
-        self.model.eval()
-        stats = LossStats.zero()
-        for batch in eval_batches(self.valid_data.examples, self.config.eval_batch_size, self.pad_id):
-            stats += self.forward_loss(batch, normalizer=1.0)[1]
-        self.model.train()
-        tokens = max(stats.tokens, 1.0)
+        cfg, world = self.config, self.world
+        self.objective.eval()
+        examples = self.valid_data.examples
+        batches = list(
+            eval_batches(
+                examples,
+                cfg.eval_batch_size,
+                self.pad_id,
+                packing=cfg.packing,
+                rank=world.rank,
+                world_size=world.world_size,
+            )
+        )
+        passes = (
+            micro_batch_count(len(examples), world.world_size, cfg.eval_batch_size)
+            if self.sharded
+            else len(batches)
+        )
+        sums = [0.0] * 5
+        for i in range(passes):
+            s = self.objective(batches[i] if i < len(batches) else self._empty_batch(), 1.0).stats
+            sums = [
+                a + b
+                for a, b in zip(sums, (s.loss_sum, s.nll_sum, s.prob_sum, s.correct, s.tokens), strict=True)
+            ]
+        self._reshard()
+        self.objective.train()
+        loss_sum, nll_sum, prob_sum, correct, tokens = world.sum(sums)
+        tokens = max(tokens, 1.0)
         return {
-            "valid_loss": stats.loss_sum / tokens,
-            "valid_nll": stats.nll_sum / tokens,
-            "valid_token_accuracy": stats.correct / tokens,
-            "valid_mean_token_prob": stats.prob_sum / tokens,
+            "valid_loss": loss_sum / tokens,
+            "valid_nll": nll_sum / tokens,
+            "valid_token_accuracy": correct / tokens,
+            "valid_mean_token_prob": prob_sum / tokens,
         }
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Every rank takes part (FSDP gathers the shards); rank 0 writes."""
         cfg = self.config
         t0 = time.perf_counter()
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "counters": dict(self.counters),
-            "elapsed_s": self.elapsed(),
-            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-        }
-        meta = {
-            "base_model": cfg.model,
-            "loss": cfg.loss,
-            "lora": cfg.lora is not None,
-            "total_steps": self.total_steps,
-            "metrics": self.last_row,
-        }
-        path = ckpt.save_checkpoint(
-            cfg.output_dir,
-            self.step,
-            self.model,
-            self.tokenizer,
-            state,
-            meta,
-            is_lora=cfg.lora is not None,
-            merge_lora=bool(cfg.lora and cfg.lora.merge),
-            keep_last_n=cfg.keep_last_n,
-        )
-        seconds = time.perf_counter() - t0
-        self.event(
-            "info", f"saved checkpoint {path.name} in {seconds:.1f}s", checkpoint=str(path), seconds=seconds
-        )
+        write = self._weights_writer()
+        optim = optimizer_state(self.objective, self.optimizer, self.sharded)
+        path = ckpt.checkpoints_dir(cfg.output_dir) / f"step-{self.step:06d}"
+        if self.world.is_main:
+            state = {
+                "step": self.step,
+                "optimizer": optim,
+                "scheduler": self.scheduler.state_dict(),
+                "counters": dict(self.counters),
+                "elapsed_s": self.elapsed(),
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            }
+            meta = {
+                "base_model": cfg.model,
+                "loss": cfg.loss,
+                "lora": cfg.lora is not None,
+                "precision": self.precision.name,
+                "dtype": str(self.base_dtype).removeprefix("torch."),
+                "world_size": self.world.world_size,
+                "total_steps": self.total_steps,
+                "metrics": self.last_row,
+            }
+            path = ckpt.save_checkpoint(
+                cfg.output_dir, self.step, write, self.tokenizer, state, meta, keep_last_n=cfg.keep_last_n
+            )
+            seconds = time.perf_counter() - t0
+            self.event(
+                "info",
+                f"saved checkpoint {path.name} in {seconds:.1f}s",
+                checkpoint=str(path),
+                seconds=seconds,
+            )
+        self.world.barrier()
         return path
+
+    def _weights_writer(self) -> Callable[[Path], None]:
+        cfg = self.config
+        if cfg.lora is not None:
+            merge = bool(cfg.lora.merge)
+            return lambda d: ckpt.write_lora(
+                d, self.model, self.tokenizer, merge=merge, dtype=self.base_dtype
+            )
+        state = full_state_dict(self.objective, self.sharded)  # a collective under FSDP
+        return lambda d: ckpt.write_full_model(d, self.lm, state, self.base_dtype)
 
     def resume(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
@@ -348,9 +498,8 @@ class Trainer:
                 f"output_dir: {self.config.output_dir} holds a checkpoint of a different run "
                 f"({', '.join(changed)} changed); use a new output_dir"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(self.objective, self.optimizer, state["optimizer"], self.sharded)
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.counters.update(state["counters"])
         self.elapsed_before = float(state["elapsed_s"])
@@ -358,6 +507,10 @@ class Trainer:
         rows = self.log.metrics.read()
         self.last_row = rows[-1] if rows else {}
         self.event("info", f"resumed from checkpoint {path.name} (step {self.step} of {self.total_steps})")
+
+    def close(self) -> None:
+        """Leave the process group (a multi-GPU job); nothing to do for one process."""
+        shut_down(self.world)
 
     def _summary(self, status: str, checkpoint: Path | None) -> dict[str, Any]:
         c = self.counters
@@ -377,11 +530,16 @@ class Trainer:
             "final": final,
             "checkpoint": str(checkpoint) if checkpoint else None,
             "elapsed_s": round(self.elapsed(), 3),
+            "world_size": self.world.world_size,
+            "micro_batch_size": self.memory.size,
         }
 
 
 def train(config: TrainingConfig, **hooks: Any) -> TrainResult:
     """Set up and run one training job (resuming if output_dir holds a checkpoint)."""
     trainer = Trainer(config, **hooks)
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.close()

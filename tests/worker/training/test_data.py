@@ -160,7 +160,7 @@ def test_bundled_dataset_padding_is_at_most_10_percent(smollm2_tokenizer: Any) -
     for grouped, bound in ((True, 0.10), (False, 1.0)):
         real = processed = 0
         for step in plan_epoch(lengths, 8, seed=42, epoch=0, group_by_length=grouped):
-            for batch in micro_batches(data.examples, step, 2, pad_id=0):
+            for batch in micro_batches(data.examples, step, 4, pad_id=0):
                 real += batch.n_real
                 processed += batch.n_processed
         padding = 1 - real / processed

@@ -106,7 +106,12 @@ def test_a_lora_checkpoints_own_code_is_never_run(tmp_path: Path, tiny_model: Pa
     train = tmp_path / "train.jsonl"
     train.write_text('{"prompt": "a", "completion": "b"}\n')
     cfg = TrainingConfig(model=str(base), train_file=train, output_dir=tmp_path / "run", lora=LoraConfig(r=2))
-    resumed, _ = prepare_model(cfg, resume_from=adapter)
+    import torch
+
+    from worker.training.model import resolve_precision
+
+    cpu = torch.device("cpu")
+    resumed, _ = prepare_model(cfg, adapter, resolve_precision("fp32", cpu), cpu)
     assert type(resumed).__name__ == "PeftModelForCausalLM"
     assert not marker.exists()
 
@@ -125,16 +130,24 @@ def test_a_gguf_files_neighbours_code_is_never_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_logit_scaling_heads_are_refused(tmp_path: Path, tiny_model: Path) -> None:
-    scaled = tmp_path / "scaled"
-    scaled.mkdir()
-    for f in tiny_model.iterdir():
-        (scaled / f.name).write_bytes(f.read_bytes())
+def test_a_head_attribute_the_architecture_ignores_is_not_applied(tmp_path: Path, tiny_model: Path) -> None:
+    """Llama has no soft-cap: a stray final_logit_softcapping in its config must not change the loss.
+    The head is what the self-check finds the model's own logits to be (test_heads.py)."""
+    from tests.worker.training.conftest import chat_rows, write_jsonl
+    from worker.training.config import TrainingConfig
+    from worker.training.model import HeadSpec
+    from worker.training.trainer import Trainer
+
+    scaled = copy_model(tiny_model, tmp_path / "scaled")
     config = json.loads((scaled / "config.json").read_text())
-    config["final_logit_softcapping"] = 30.0
+    config["final_logit_softcapping"] = 0.5  # would change the loss a lot, were it applied
     (scaled / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="final_logit_softcapping"):
-        load_model(str(scaled))
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    trainer = Trainer(
+        TrainingConfig(model=str(scaled), train_file=train, output_dir=tmp_path / "run", device="cpu")
+    )
+    trainer.setup()
+    assert trainer.objective.head == HeadSpec()
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_dft_lowers_nll_and_reports_mean_p_times_nll(make_config: MakeConfig) ->
     step = first_step(trainer)
     expected = {"loss": 0.0, "nll": 0.0, "p": 0.0, "n": 0}
     with torch.no_grad():
-        for batch in micro_batches(trainer.train_data.examples, step, 1, trainer.pad_id):
+        for batch in micro_batches(trainer.train_data.examples, step, len(step), trainer.pad_id):
             logits = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[
                 :, :-1
             ]
@@ -173,7 +173,9 @@ def test_keep_last_n_and_checkpoint_contents(make_config: MakeConfig) -> None:
         p.name for p in path.iterdir()
     }
     state = load_trainer_state(path)  # weights_only=True
-    assert state["step"] == 4 and "optimizer" in state and "rng" in state
+    assert state["step"] == 4 and "scheduler" in state
+    # the optimizer state is keyed by parameter name, so a run resumes on any number of processes
+    assert "model.model.embed_tokens.weight" in state["optimizer"]["state"]
 
 
 def test_full_checkpoint_loads_with_plain_transformers_and_generates(make_config: MakeConfig) -> None:
