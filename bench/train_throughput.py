@@ -24,6 +24,12 @@ optimizer step (no gradient accumulation), max length `--max-length`, lr 5e-5, `
   Unless `--no-bare-fused`, the same process then runs the same steps once more as backbone + our
   fused DFT loss + AdamW ("bare_fused"): ours vs that is our trainer's own overhead (collation,
   grad clipping, scheduler, statistics, metrics log), with the same arithmetic.
+- ddp:  ours again, as a K=2 job: `torchrun --standalone --nproc-per-node 2` (gloo), `distributed:
+  ddp`, the same global batch (each process trains about half of every step's sequences and the
+  gradients are all-reduced), OMP_NUM_THREADS=1 per process so that K=2 uses the same two cores as
+  K=1 (one process, two threads). Timed on rank 0 as ours is; step tokens are the whole step's.
+  Reported as its tokens/s against ours (K=1), with no goal: on two shared cores it shows what the
+  gradient all-reduce and the split batch cost, not a speed-up.
 
 Which tokens are trained. Ours trains each weight-1 assistant message's content plus its
 `<|im_end|>`. For TRL the same conversations are given with `assistant_only_loss=True` and a chat
@@ -52,8 +58,9 @@ vs bare (our s/step / bare s/step - 1, same steps) <= 10%. The timings are wall-
 
 Output: one JSON line on stdout (progress on stderr). Run from the repository root:
 
-    .venv/bin/python -m bench.train_throughput                 # 8 steps, ~10 minutes on 2 cores
+    .venv/bin/python -m bench.train_throughput                 # 8 steps, ~15 minutes on 2 cores
     .venv/bin/python -m bench.train_throughput --steps 2 --batch-size 2   # smoke test
+    .venv/bin/python -m bench.train_throughput --systems ours,ddp         # K=2 DDP vs K=1 only
 """
 
 from __future__ import annotations
@@ -72,8 +79,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("ours", "trl", "bare")
+SYSTEMS = ("ours", "trl", "bare", "ddp")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DDP_PROCS = 2  # processes of the "ddp" system
 GOAL_RATIO = 1.5  # ours / trl trained tokens per second, at least
 GOAL_OVERHEAD = 0.10  # ours / bare - 1, at most
 MAX_LINE_BYTES = 4 * 1024 * 1024
@@ -139,13 +147,22 @@ def step_plan(examples: list[Any], batch_size: int, steps: int, seed: int) -> li
     return out
 
 
-def batch_shapes(examples: list[Any], plan: list[list[int]], pad_id: int) -> list[dict[str, int]]:
-    from worker.training.data import micro_batches
+def batch_shapes(
+    examples: list[Any], plan: list[list[int]], pad_id: int, world_size: int = 1
+) -> list[dict[str, int]]:
+    """Tokens of each step's batches, summed over the job's processes (each pads its own share)."""
+    from worker.training.data import micro_batches, shard_step
 
     rows = []
     for step in plan:
-        (mb,) = micro_batches(examples, step, len(step), pad_id)
-        rows.append({"trained": mb.n_trained, "real": mb.n_real, "processed": mb.n_processed})
+        row = {"trained": 0, "real": 0, "processed": 0}
+        for rank in range(world_size):
+            local = shard_step(examples, step, rank, world_size)
+            for mb in micro_batches(examples, local, max(len(local), 1), pad_id):
+                row["trained"] += mb.n_trained
+                row["real"] += mb.n_real
+                row["processed"] += mb.n_processed
+        rows.append(row)
     return rows
 
 
@@ -192,7 +209,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             model=gguf_path(),
             loss="dft",
             train_file=Path(args.train_file),
-            output_dir=Path(tmp) / "run",
+            # under torchrun every process of the job shares one output directory (the parent's)
+            output_dir=Path(args.output_dir or tmp) / "run",
             n_epochs=min(args.steps, 1000),  # enough epochs for max_steps whatever the file's size
             max_steps=args.steps,
             batch_size=args.batch_size,
@@ -203,20 +221,28 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             device="cpu",
             precision="float32",
             seed=args.seed,
+            distributed="ddp",  # used by the K=2 run (system "ddp"); a single process ignores it
         )
         trainer = Trainer(config, on_metrics=on_metrics)
         t0 = time.perf_counter()
-        trainer.setup()
-        setup_s = time.perf_counter() - t0
-        trainer.train()  # ends with the final checkpoint save, after the last on_metrics: not timed
+        try:
+            trainer.setup()
+            setup_s = time.perf_counter() - t0
+            trainer.train()  # ends with the final checkpoint save, after the last on_metrics: not timed
+        finally:
+            trainer.close()
         examples = trainer.train_data.examples
         pad_id = trainer.pad_id
+        world_size = trainer.world.world_size
+    if not trainer.world.is_main:
+        return {}  # rank 0 (which alone gets on_metrics) reports for the job
     plan = step_plan(examples, args.batch_size, args.steps, args.seed)
-    shapes = batch_shapes(examples, plan, pad_id)
+    shapes = batch_shapes(examples, plan, pad_id, world_size)
     step_tokens = [int(r["step_tokens"]) for r in rows]
     out = summarize(ends, step_tokens, shapes)
     out.update(
         setup_s=setup_s,
+        world_size=world_size,
         # train_step's own time (collate, forward, backward, clip, optimizer), without logging
         inner_step_s=[r["step_tokens"] / r["tokens_per_sec"] for r in rows[1:]],
         plan_matches_rows=[s["trained"] for s in shapes] == step_tokens,
@@ -443,8 +469,13 @@ def _compare_tokenisation(trl_dataset: Any, ordered: list[Any]) -> dict[str, Any
 def run_child(system: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
         out = Path(tmp) / "result.json"
+        env = dict(os.environ)
+        launcher = [sys.executable]
+        if system == "ddp":  # K=2 processes of one node, one thread each: the same 2 cores as K=1
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={DDP_PROCS}"]
+            env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         cmd = [
-            sys.executable,
+            *launcher,
             "-m",
             "bench.train_throughput",
             "--system",
@@ -465,13 +496,15 @@ def run_child(system: str, args: argparse.Namespace) -> dict[str, Any]:
             str(args.train_file),
             "--trl-order",
             args.trl_order,
+            "--output-dir",
+            tmp,
         ]
         if args.trl_optim:
             cmd += ["--trl-optim", args.trl_optim]
         if not args.bare_fused:
             cmd += ["--no-bare-fused"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=sys.stderr, check=False)  # our stdout: the JSON only
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=sys.stderr, check=False)  # stdout: the JSON only
         if proc.returncode != 0 or not out.exists():
             log(f"{system}: subprocess failed with exit code {proc.returncode}")
             return {"error": f"subprocess exit code {proc.returncode}"}
@@ -513,6 +546,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--result-file", help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--output-dir", help=argparse.SUPPRESS)  # child mode: the job's shared directory
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is a warm-up)")
@@ -528,8 +562,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.system is not None:  # child
-        fn = {"ours": run_ours, "trl": run_trl, "bare": run_bare}[args.system]
-        Path(args.result_file).write_text(json.dumps(fn(args)))
+        fn = {"ours": run_ours, "trl": run_trl, "bare": run_bare, "ddp": run_ours}[args.system]
+        result = fn(args)
+        if os.environ.get("RANK", "0") == "0":
+            Path(args.result_file).write_text(json.dumps(result))
         return 0
 
     wanted = [s for s in SYSTEMS if s in args.systems.split(",")]
@@ -538,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     for system in wanted:
         log(f"running {system} ...")
         results[system] = run_child(system, args)
-    ours, trl, bare = (results.get(s, {}) for s in SYSTEMS)
+    ours, trl, bare, ddp = (results.get(s, {}) for s in SYSTEMS)
     ratio = (
         ours["tokens_per_sec"] / trl["tokens_per_sec"]
         if "tokens_per_sec" in ours and "tokens_per_sec" in trl
@@ -553,6 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     overhead_fused = (
         ours["s_per_step"] / fused["s_per_step"] - 1.0
         if "s_per_step" in ours and "s_per_step" in fused
+        else None
+    )
+    ddp_ratio = (
+        ddp["tokens_per_sec"] / ours["tokens_per_sec"]
+        if "tokens_per_sec" in ddp and "tokens_per_sec" in ours
         else None
     )
     failed = [s for s, r in results.items() if "error" in r]
@@ -579,6 +620,17 @@ def main(argv: list[str] | None = None) -> int:
         # vs the backbone + our fused loss + AdamW on the same steps: the trainer's own overhead
         "bare_fused_s_per_step": fused.get("s_per_step"),
         "ours_overhead_vs_bare_fused": overhead_fused,
+        # K=2 DDP processes (one thread each) vs ours K=1 (one process, two threads): report only
+        "ddp_k2_tokens_per_sec": ddp.get("tokens_per_sec"),
+        "ddp_k2_vs_k1": ddp_ratio,
+        "ddp_same_tokens_as_k1": (
+            ours["step_tokens"] == ddp["step_tokens"]
+            if "step_tokens" in ours and "step_tokens" in ddp
+            else None
+        ),
+        "ddp_final_loss_vs_k1": (
+            ddp["final_loss"] / ours["final_loss"] if "final_loss" in ddp and "final_loss" in ours else None
+        ),
         "padding_fraction": {s: r.get("padding_fraction") for s, r in results.items()},
         "bare_same_tokens_as_ours": (
             ours["step_tokens"] == bare["step_tokens"]

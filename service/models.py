@@ -149,6 +149,8 @@ class Job(Base):
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     pool: Mapped[str] = mapped_column(String(64))
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # devices the job trains on, all on one node (K > 1: torchrun, worker/training/distributed.py)
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Execution: claim, lease (fencing by attempt), cancel.

@@ -68,6 +68,15 @@ def classify(err: BaseException) -> dict[str, Any] | None:
     return None
 
 
+def read_error(run_dir: Path) -> dict[str, Any] | None:
+    """What `error.json` says, or None when there is none (or it cannot be read)."""
+    try:
+        error = json.loads((run_dir / ERROR_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return error if isinstance(error, dict) else None
+
+
 def _write_error(run_dir: Path, error: dict[str, Any]) -> bool:
     tmp = run_dir / f".{ERROR_FILE}.tmp"
     try:

@@ -38,7 +38,7 @@ from service.models import Checkpoint, File, Job, JobMetric, JobStatus, Team
 from service.settings import Settings
 from service.storage import Storage
 from worker.artifacts import checkpoint_metrics, fine_tuned_model_name, run_dir, training_config
-from worker.child import CONFIG_FILE, ERROR_FILE, STOP_FILE
+from worker.child import CONFIG_FILE, ERROR_FILE, EXIT_FAILED, EXIT_STORAGE, STOP_FILE, read_error
 from worker.claim import Claim, Fence, LeaseLost
 from worker.job_end import exit_outcome, record_end, storage_outcome
 from worker.storage_space import problem_of
@@ -47,6 +47,7 @@ from worker.tail import JsonlTail
 # Imported with this module (when the worker starts), not at a run's first sync: it imports torch,
 # which takes seconds, and inside a run that would hold up the heartbeat past a short lease.
 from worker.training.checkpoint import list_checkpoints
+from worker.training.memory import planned_micro_batch
 
 log = logging.getLogger("tunepool.runner")
 S = JobStatus
@@ -88,6 +89,7 @@ class JobRun:
         self.resume_step = 0  # rows up to this step are in the database from an earlier attempt
         self.last_beat = time.monotonic()  # the last renewal of the lease (the claim made it)
         self.stored_results: str | None = None  # a results CSV stored for the end's transaction
+        self.nproc = 1  # training processes (the job's gpus), set by prepare()
 
     # ------------------------------------------------------------------ set-up
 
@@ -97,6 +99,7 @@ class JobRun:
             files = {f.id: f for f in session.scalars(select(File).where(File.id.in_(self._file_ids(job))))}
             team = session.get(Team, job.team_id)
             self.model_name = fine_tuned_model_name(job, team.name if team else job.team_id)
+            self.nproc = max(1, int(job.gpus or 1))
             config = training_config(job, self.settings, self.storage, files)
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / CONFIG_FILE
@@ -138,9 +141,12 @@ class JobRun:
             if limit:
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
+        launcher = [sys.executable]
+        if self.nproc > 1:  # one job on K devices: torchrun on a free local port, one child per rank
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}"]
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.child", str(self.dir)],
+                [*launcher, "-m", "worker.child", str(self.dir)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -259,6 +265,34 @@ class JobRun:
                 return self.proc.wait()
             time.sleep(self.settings.poll_s)
 
+    def train_to_end(self) -> int:
+        """The child's exit status once it has ended for good. A multi-process (FSDP) child that ran
+        out of memory leaves a smaller micro-batch in memory_plan.json and exits: it is started
+        again at once, from its last checkpoint (torchrun's own status is 1 whatever a rank did:
+        rank 0's error.json says which failure it was)."""
+        while True:
+            before = planned_micro_batch(self.output, 1 << 30)
+            code = self.watch()
+            if code == 0 or self.nproc == 1:
+                return code
+            after = planned_micro_batch(self.output, 1 << 30)
+            if after < before and self.stop_sent_at is None:
+                self.sync()
+                with self.fence.write() as (session, job):
+                    add_event(
+                        session, job, f"Out of memory on {self.nproc} processes: restarting with "
+                        f"micro-batch {after} from the last checkpoint", level="warn",
+                    )  # fmt: skip
+                (self.dir / ERROR_FILE).unlink(missing_ok=True)
+                self.metrics.skip_existing()
+                self.events.skip_existing()
+                self.spawn()
+                continue
+            error = read_error(self.dir)
+            if error is None:
+                return code
+            return EXIT_STORAGE if "storage" in error else EXIT_FAILED
+
     # ------------------------------------------------------------------ the end (worker/job_end.py)
 
     def log_tail(self, lines: int = 30) -> list[str]:
@@ -276,7 +310,7 @@ class JobRun:
             try:
                 self.prepare()
                 self.spawn()
-                outcome = exit_outcome(self, self.watch())
+                outcome = exit_outcome(self, self.train_to_end())
             except OSError as err:  # our own write to the run directory (config.json, log, ...)
                 problem = problem_of(err, self.dir)
                 if problem is None:

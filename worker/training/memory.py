@@ -149,19 +149,29 @@ class MemoryPlan:
         return False
 
     def _fits_sharded(self, work: Callable[[], None]) -> bool:
-        """Under FSDP the other ranks are inside a collective already: the halved size is saved, the
-        group exits, and the job restarts at that size (the worker restarts it at once)."""
         try:
             work()
             return True
         except Exception as err:
-            if out_of_memory_error(err) is None or self.size == 1:
-                raise
-            save_plan(self.output_dir, self.size // 2)
+            self.restart_smaller(err)
+            raise
+
+    def restart_smaller(self, err: BaseException) -> None:
+        """Under FSDP the other ranks are inside a collective already: an out-of-memory (anywhere in
+        a step) saves the halved size and the group exits; the job restarts at that size (the worker
+        restarts it at once). Returns if `err` is not an out-of-memory this can help with."""
+        if not self.sharded or out_of_memory_error(err) is None or isinstance(err, OutOfMemory):
+            return  # (an OutOfMemory was raised by this very method, on the way out)
+        if self.size == 1:
             raise OutOfMemory(
-                f"out of memory with micro-batch {self.size} on rank {self.world.rank}; "
-                f"the job restarts with {self.size // 2}"
+                f"out of memory with one sequence per micro-batch on rank {self.world.rank}; "
+                f"what would fit: {self.advice}"
             ) from err
+        save_plan(self.output_dir, self.size // 2)
+        raise OutOfMemory(
+            f"out of memory with micro-batch {self.size} on rank {self.world.rank}; "
+            f"the job restarts with {self.size // 2}"
+        ) from err
 
     def _halve(self, error: str) -> None:
         if self.size == 1:

@@ -263,7 +263,11 @@ class Trainer:
                     lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length
                 )
                 self._plan = (epoch, plan)
-            row = self.train_step(self._plan[1][index])
+            try:
+                row = self.train_step(self._plan[1][index])
+            except Exception as err:
+                self.memory.restart_smaller(err)  # FSDP: out of memory anywhere in the step
+                raise
             if self.valid_data is not None and (
                 self.step == self.total_steps or (cfg.eval_every and self.step % cfg.eval_every == 0)
             ):

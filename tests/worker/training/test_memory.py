@@ -94,3 +94,27 @@ def test_a_run_that_cannot_fit_one_sequence_fails_at_once_saying_what_would(
     assert time.monotonic() - t0 < 60
     assert "out of memory with one sequence" in run.stderr and "gradient_checkpointing: true" in run.stderr
     assert not (tmp_path / "none" / "metrics.jsonl").read_text().strip()  # it never started a step
+
+
+def test_sharded_out_of_memory_restarts_with_a_smaller_micro_batch(tmp_path: Path, model: Path) -> None:
+    """Under FSDP a rank that runs out of memory cannot retry alone (the others wait in a collective):
+    it saves the halved size and the group exits; started again (the worker does it at once), the
+    job goes on at that size, to the result of an unconstrained run."""
+    free = limited(write_config(tmp_path, "free", model), 1 << 40)
+    assert free.returncode == 0, free.stderr[-3000:]
+    config = write_config(tmp_path, "sharded", model)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "tests.worker.training.limit_runner", str(config), "--budget", str(260 << 20),  # 8 do not fit, 4 do
+    ]  # fmt: skip
+    sizes = []
+    for _ in range(4):
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if run.returncode == 0:
+            break
+        assert "the job restarts with" in run.stderr, run.stderr[-3000:]
+        sizes.append(json.loads((tmp_path / "sharded" / "memory_plan.json").read_text())["micro_batch_size"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] < 8
+    assert_same_weights(final_weights(tmp_path / "free"), final_weights(tmp_path / "sharded"))
