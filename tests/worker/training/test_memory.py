@@ -104,9 +104,10 @@ def test_sharded_out_of_memory_restarts_with_a_smaller_micro_batch(tmp_path: Pat
     assert free.returncode == 0, free.stderr[-3000:]
     config = write_config(tmp_path, "sharded", model)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    budget = 260 << 20  # 8 sequences per rank do not fit, 4 do
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "tests.worker.training.limit_runner", str(config), "--budget", str(260 << 20),  # 8 do not fit, 4 do
+        "-m", "tests.worker.training.limit_runner", str(config), "--budget", str(budget),
     ]  # fmt: skip
     sizes = []
     for _ in range(4):
