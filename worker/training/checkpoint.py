@@ -173,13 +173,23 @@ def exact_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def write_lora(directory: Path, model: Any, tokenizer: Any, *, merge: bool, dtype: torch.dtype) -> None:
     """The adapter; with `merge`, also the merged full model in the base's dtype under `merged/`."""
     model.save_pretrained(directory)
-    if merge:
+    if not merge:
+        return
+    if getattr(model.get_base_model(), "is_quantized", False):
+        # QLoRA: merging into 4-bit weights would round the result to 4 bits. The base is loaded
+        # again in its own dtype (on the CPU) and the adapter just written is merged into it.
+        from peft import PeftModel
+
+        from worker.training.model import load_model
+
+        base, _ = load_model(model.peft_config["default"].base_model_name_or_path, dtype=dtype)
+        merged = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
+    else:
         # Merge a copy: merging in place and unmerging would not give back bit-identical weights.
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged = merged.to(dtype)
-        merged.save_pretrained(directory / "merged")
-        tokenizer.save_pretrained(directory / "merged")
-        del merged
+        merged = copy.deepcopy(model).merge_and_unload().to(dtype)
+    merged.save_pretrained(directory / "merged")
+    tokenizer.save_pretrained(directory / "merged")
+    del merged
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -175,3 +175,31 @@ def test_packed_row_equals_padded_batch_logits_and_gradients(
     assert set(pack_grads) == set(pad_grads)
     for name, grad in pad_grads.items():
         assert float((pack_grads[name] - grad).norm() / grad.norm().clamp_min(1e-30)) <= 1e-5, name
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_run_trains_what_a_padded_run_trains(make_config: Any, tmp_path: Path, attn: str) -> None:
+    """Through the trainer: two steps with packing equal two padded steps (weights and metrics to
+    1e-5), and the packed steps process no padding."""
+    from tests.worker.training.test_distributed import assert_same_weights
+    from worker.training.trainer import Trainer
+
+    results = []
+    for packing in (False, True):
+        config = make_config(
+            max_steps=2, micro_batch_size=4, packing=packing, attn_implementation=attn,
+            output_dir=tmp_path / f"packing-{packing}",
+        )  # fmt: skip
+        trainer = Trainer(config)
+        trainer.setup()
+        trainer.train()
+        rows = trainer.log.metrics.read()
+        results.append((rows, {k: v.detach().clone() for k, v in trainer.lm.state_dict().items()}))
+    (padded_rows, padded), (packed_rows, packed) = results
+    assert all(r["padding_fraction"] > 0 for r in padded_rows)
+    assert all(r["padding_fraction"] == 0 for r in packed_rows)
+    for a, b in zip(padded_rows, packed_rows, strict=True):
+        assert a["step_tokens"] == b["step_tokens"]
+        for key in ("loss", "nll", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert_same_weights(padded, packed)

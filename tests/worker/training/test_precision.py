@@ -104,7 +104,9 @@ def test_qlora_trains_its_adapters_over_a_4bit_base(make_config: MakeConfig, tmp
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
     tokenizer.save_pretrained(tmp_path / "wide")
-    lora = LoraConfig(r=4, dropout=0.0, quantize="nf4", target_modules=["q_proj", "v_proj", "up_proj"])
+    lora = LoraConfig(
+        r=4, dropout=0.0, quantize="nf4", target_modules=["q_proj", "v_proj", "up_proj"], merge=True
+    )
     trainer = Trainer(make_config(model=str(tmp_path / "wide"), max_steps=2, learning_rate=1e-2, lora=lora))
     trainer.setup()
     quantized = [m for m in trainer.model.modules() if type(m).__name__ == "Linear4bit"]
@@ -113,6 +115,17 @@ def test_qlora_trains_its_adapters_over_a_4bit_base(make_config: MakeConfig, tmp
     trainer.train()
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    # The merged model is the full-precision base plus the adapter, not a 4-bit rounding of it.
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(
+        trainer.config.output_dir / "checkpoints" / "step-000002" / "merged"
+    )
+    assert merged.dtype == torch.float32 and not getattr(merged, "is_quantized", False)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "wide")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    delta = merged.state_dict()[q] - base.state_dict()[q]
+    assert 0 < float(delta.abs().max()) < 0.1  # the adapter's update, on the exact base weights
 
 
 @pytest.mark.parametrize(
