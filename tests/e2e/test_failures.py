@@ -76,7 +76,7 @@ def test_failed_jobs_report_their_error_and_the_worker_takes_the_next_job(
     worker = system.start_worker(env={"TUNEPOOL_JOB_MEMORY_LIMIT_BYTES": str(memory_limit), **CPU_ONLY})
     client = system.team()
     file_id = system.new_file(client, n=16)
-    large_file = system.new_file(client, content=large_rows(128, 4096))
+    large_file = system.new_file(client, content=large_rows(8, 8192))
 
     # Queued together: the worker takes them one after the other, oldest first.
     bad_model = system.submit(client, file_id, model="broken", hyperparameters={"max_steps": 1})
@@ -84,10 +84,15 @@ def test_failed_jobs_report_their_error_and_the_worker_takes_the_next_job(
     # The default, overlength=truncate, keeps an example's first 8 tokens: here part of each prompt, no
     # trained token, so every example is dropped all the same and the job must fail alike.
     too_long_truncated = system.submit(client, file_id, hyperparameters={"max_seq_length": 8})
-    # One step of 128 sequences of ~8200 tokens: gigabytes of activations, over the limit.
+    # Sequences of ~16,400 tokens with eager attention: its [heads, T, T] weights alone are 4 GiB
+    # for one sequence, over the limit however small the micro-batch is made.
     too_big = system.submit(
-        client, large_file, hyperparameters={"batch_size": 128, "max_seq_length": 8320, "max_steps": 1}
-    )
+        client,
+        large_file,
+        hyperparameters={
+            "batch_size": 8, "max_seq_length": 16512, "max_steps": 1, "attn_implementation": "eager"
+        },
+    )  # fmt: skip
     valid = system.submit(client, file_id, hyperparameters=VALID)
 
     def failed(job: dict[str, Any]) -> dict[str, Any]:
@@ -116,10 +121,13 @@ def test_failed_jobs_report_their_error_and_the_worker_takes_the_next_job(
 
     error = failed(too_big)
     assert error["code"] == "out_of_memory" and error["param"] is None, error
-    assert error["message"].startswith("Out of memory: "), error
-    # It failed in training, not before: the model and all of the data had loaded under the limit.
+    assert error["message"].startswith("Out of memory: out of memory with one sequence"), error
+    assert "what would fit: gradient_checkpointing: true" in error["message"], error
+    # It failed in its preflight, after the model and all of the data had loaded under the limit,
+    # and after halving its micro-batch down to one sequence.
     events = system.events(client, too_big["id"])
-    assert any(e.startswith("train_file: 128 chat examples") for e in events), events
+    assert any(e.startswith("train_file: 8 chat examples") for e in events), events
+    assert sum("out of memory with micro-batch" in e for e in events) == 3, events  # 8 -> 4 -> 2 -> 1
 
     # The same worker, still alive and under the same limit, runs the next job to the end.
     done = system.wait(client, valid["id"])

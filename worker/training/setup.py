@@ -127,12 +127,6 @@ def load_data(path: Path, field: str, tokenizer: Any, cfg: TrainingConfig) -> To
         )
     except DataFormatError as err:
         raise InvalidDataError(field, err) from None
-    if not data.examples:
-        raise UnusableDataError(
-            field,
-            f"all {data.stats.n_lines} examples are longer than max_seq_length={cfg.max_seq_length} "
-            "or have no trained token left after truncation; raise max_seq_length",
-        )
     return data
 
 

@@ -45,7 +45,7 @@ from worker.training.distributed import (
     shut_down,
     world_from_env,
 )
-from worker.training.errors import TrainingError
+from worker.training.errors import TrainingError, UnusableDataError
 from worker.training.loss import LossStats, allow_tf32
 from worker.training.model import base_dtype, causal_lm, head_candidates, resolve_device, resolve_precision
 from worker.training.objective import self_check
@@ -163,7 +163,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
 
-        head = self_check(self.objective, self._probe_batch(), head_candidates(self.lm.config), cfg.model)
+        try:
+            head = self_check(self.objective, self._probe_batch(), head_candidates(self.lm.config), cfg.model)
+        except Exception as err:
+            if memory.out_of_memory_error(err) is None:
+                raise
+            raise memory.OutOfMemory(
+                f"out of memory in the start-up check of one sequence on {self.device}; what would fit: "
+                f"{self.memory.advice}"
+            ) from err
         self._reshard()
         self.objective.head = head
         if head.describe() != "plain":
@@ -196,6 +204,12 @@ class Trainer:
                 truncated=stats.n_truncated,
                 dropped=stats.n_dropped,
             )
+        if not data.examples:
+            raise UnusableDataError(
+                field,
+                f"all {stats.n_lines} examples are longer than max_seq_length={cfg.max_seq_length} "
+                "or have no trained token left after truncation; raise max_seq_length",
+            )
         self.event(
             "info",
             f"{field}: {len(data.examples)} {data.format} examples, {stats.n_trained_tokens} trained tokens",
@@ -205,12 +219,16 @@ class Trainer:
         return data
 
     def _probe_batch(self) -> MicroBatch:
-        """One real training sequence (at most 512 tokens) for the head's self-check."""
-        example = next(e for e in self.train_data.examples if any(e.trained[1:]))
-        cut = TokenizedExample(example.input_ids[:512], example.trained[:512], example.line)
-        if not any(cut.trained[1:]):
-            cut = example
-        return collate([cut], self.pad_id)
+        """A window of at most 512 tokens of the shortest training sequence, around its first
+        trained token, for the head's self-check (cheaper than any training pass)."""
+        example = min(
+            (e for e in self.train_data.examples if any(e.trained[1:])), key=lambda e: len(e.input_ids)
+        )
+        first = next(t for t in range(1, len(example.trained)) if example.trained[t])
+        start = max(0, min(first - 256, len(example.input_ids) - 512))
+        end = start + 512
+        window = TokenizedExample(example.input_ids[start:end], example.trained[start:end], example.line)
+        return collate([window], self.pad_id)
 
     def _seed(self) -> None:
         """Every step draws from a generator seeded by (seed, step, rank): dropout is the same
