@@ -190,6 +190,27 @@ def _longest_first(examples: Sequence[TokenizedExample], indices: Sequence[int])
     return sorted(indices, key=lambda i: (-len(examples[i].input_ids), i))
 
 
+def probe_window(examples: Sequence[TokenizedExample], pad_id: int, size: int = 512) -> MicroBatch:
+    """At most `size` tokens of the shortest sequence that trains anything, around its first trained
+    token: one small real batch (the head's start-up self-check runs it)."""
+    example = min((e for e in examples if any(e.trained[1:])), key=lambda e: len(e.input_ids))
+    first = next(t for t in range(1, len(example.trained)) if example.trained[t])
+    start = max(0, min(first - size // 2, len(example.input_ids) - size))
+    cut = TokenizedExample(
+        example.input_ids[start : start + size], example.trained[start : start + size], example.line
+    )
+    return collate([cut], pad_id)
+
+
+def empty_batch(examples: Sequence[TokenizedExample], pad_id: int) -> MicroBatch:
+    """A pass that trains nothing (the shortest sequence, no target): what a process with fewer
+    sequences than the others runs under FSDP, whose every pass holds collectives."""
+    shortest = min(examples, key=lambda e: len(e.input_ids))
+    return collate(
+        [TokenizedExample(shortest.input_ids, [False] * len(shortest.input_ids), shortest.line)], pad_id
+    )
+
+
 def shard_step(
     examples: Sequence[TokenizedExample], step: Sequence[int], rank: int, world_size: int
 ) -> list[int]:

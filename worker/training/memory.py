@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch-free at import: the training child classifies its failures with this module
     import torch
 
+    from worker.training.config import TrainingConfig
     from worker.training.distributed import World
 
 PLAN_FILE = "memory_plan.json"
@@ -124,6 +125,26 @@ class MemoryPlan:
     sharded: bool  # FSDP: an out-of-memory strands the other ranks in a collective
     advice: str  # what would fit, for the message of a run that cannot fit one sequence
     on_halve: Callable[[int, str], None] = field(default=lambda size, error: None)
+
+    @classmethod
+    def for_run(
+        cls,
+        cfg: TrainingConfig,
+        world: World,
+        device: torch.device,
+        sharded: bool,
+        on_halve: Callable[[int, str], None],
+    ) -> MemoryPlan:
+        """The plan of a run: its configured micro-batch, or the smaller one an earlier run found."""
+        what_fits = advice(
+            lora=cfg.lora is not None,
+            checkpointing=cfg.gradient_checkpointing,
+            max_seq_length=cfg.max_seq_length,
+            world_size=world.world_size,
+            sharded=sharded,
+        )
+        size = planned_micro_batch(cfg.output_dir, cfg.device_micro_batch(world.world_size))
+        return cls(size, cfg.output_dir, world, device, sharded, what_fits, on_halve)
 
     def fits(self, work: Callable[[], None], clear: Callable[[], None]) -> bool:
         """Run `work` (forward and backward passes). False after an out-of-memory on any rank:

@@ -26,7 +26,8 @@ import torch
 
 from worker.training.data import MicroBatch
 from worker.training.loss import LossStats, fused_linear_cross_entropy
-from worker.training.model import HeadSpec, ModelLoadError, causal_lm
+from worker.training.memory import OutOfMemory, out_of_memory_error
+from worker.training.model import HeadSpec, ModelLoadError, causal_lm, head_candidates
 
 
 @dataclass
@@ -162,14 +163,19 @@ def naive_stats(logits: torch.Tensor, batch: MicroBatch) -> LossStats:
     )
 
 
-def _agrees(ours: LossStats, model: LossStats) -> bool:
+def _mismatch(ours: LossStats, model: LossStats) -> float:
+    """How far the fused loss's statistics are from the model's own: the relative difference of the
+    mean NLL plus the absolute difference of the mean target probability (inf: other tokens)."""
+    if ours.tokens != model.tokens:
+        return math.inf
     n = max(model.tokens, 1.0)
-    tol = 1e-3  # both sides compute the logits in fp32 from the same hidden states and weights
-    return (
-        ours.tokens == model.tokens
-        and math.isclose(ours.nll_sum / n, model.nll_sum / n, rel_tol=tol, abs_tol=tol)
-        and math.isclose(ours.prob_sum / n, model.prob_sum / n, rel_tol=tol, abs_tol=tol)
-    )
+    nll, theirs = ours.nll_sum / n, model.nll_sum / n
+    return abs(nll - theirs) / max(abs(theirs), 1.0) + abs(ours.prob_sum - model.prob_sum) / n
+
+
+# Both sides compute the logits in fp32 from the same hidden states and weights: a head that is
+# the model's own agrees to ~1e-6; a wrong transform is off by far more on real logits.
+_TOLERANCE = 1e-3
 
 
 @contextmanager
@@ -190,14 +196,28 @@ def _fp32_head(lm: Any) -> Iterator[None]:
         del linear.forward  # back to the class's own forward
 
 
+def check_head(objective: Objective, batch: MicroBatch, model_name: str, what_fits: str) -> HeadSpec:
+    """`self_check` over every head the model's config could mean; an out-of-memory in it (a pass
+    of one short sequence, cheaper than any training pass) says what would fit."""
+    candidates = head_candidates(causal_lm(objective.model).config)
+    try:
+        return self_check(objective, batch, candidates, model_name)
+    except Exception as err:
+        if out_of_memory_error(err) is None:
+            raise
+        raise OutOfMemory(
+            f"out of memory in the start-up check of one sequence; what would fit: {what_fits}"
+        ) from err
+
+
 def self_check(
     objective: Objective, batch: MicroBatch, candidates: list[HeadSpec], model_name: str
 ) -> HeadSpec:
     """The HeadSpec under which the fused loss reproduces the model's own logits on `batch`.
 
     Runs in eval mode without gradients, the model's projection in fp32 (so the comparison holds to
-    1e-3 whatever the precision). A model whose head none of the candidates reproduces is refused,
-    by name, before any training."""
+    1e-3 whatever the precision), and keeps the candidate closest to the model's own statistics. A
+    model whose head none of the candidates reproduces is refused, by name, before any training."""
     was_training = objective.training
     saved_head, saved_autocast = objective.head, objective.autocast_dtype
     lm = causal_lm(objective.model)
@@ -208,16 +228,20 @@ def self_check(
         with torch.no_grad():
             with _fp32_head(lm):
                 reference = naive_stats(objective(batch, 1.0, logits=True), batch)
-            seen = []
+            found = []
             for spec in candidates:
                 objective.head = spec
                 ours = objective(batch, 1.0).stats
-                if _agrees(ours, reference):
-                    return spec
-                seen.append(f"{spec.describe()} head: NLL {ours.nll_sum / max(ours.tokens, 1):.4f}")
+                found.append((_mismatch(ours, reference), spec, ours.nll_sum / max(ours.tokens, 1)))
     finally:
         objective.head, objective.autocast_dtype = saved_head, saved_autocast
         objective.train(was_training)
+    # The closest candidate, not the first that is close: on small logits (a fresh model) a soft-cap
+    # is nearly the identity, and only the model's own head fits to rounding.
+    best, spec, _ = min(found, key=lambda f: f[0])
+    if best <= _TOLERANCE:
+        return spec
+    seen = [f"{s.describe()} head: NLL {nll:.4f}" for _, s, nll in found]
     model_nll = reference.nll_sum / max(reference.tokens, 1)
     raise ModelLoadError(
         f"model: {model_name!r}: the fused loss cannot reproduce this model's own logits (its NLL on the "

@@ -119,3 +119,44 @@ class RunLog:
         tmp = self.summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2, default=str))
         os.replace(tmp, self.summary_path)
+
+
+# The metrics of the last step that summary.json repeats as "final".
+_FINAL_FIELDS = (
+    "loss",
+    "nll",
+    "mean_token_prob",
+    "token_accuracy",
+    "valid_loss",
+    "valid_nll",
+    "valid_token_accuracy",
+)
+
+
+def run_summary(
+    status: str,
+    loss_mode: str,
+    steps: int,
+    total_steps: int,
+    counters: dict[str, int],
+    data: Any,
+    last_row: dict[str, Any],
+    checkpoint: Path | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """summary.json: how the run ended, what it trained on, its final metrics and checkpoint."""
+    return {
+        "status": status,
+        "loss_mode": loss_mode,
+        "steps": steps,
+        "total_steps": total_steps,
+        "trained_tokens": counters["trained_tokens"],
+        "padding_fraction": 1.0 - counters["real_tokens"] / max(counters["processed_tokens"], 1),
+        "skipped_steps": counters["skipped_steps"],
+        "examples": len(data.examples),
+        "truncated_examples": data.stats.n_truncated,
+        "dropped_examples": data.stats.n_dropped,
+        "final": {k: v for k, v in last_row.items() if k in _FINAL_FIELDS},
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in extra.items()},
+    }

@@ -4,6 +4,7 @@ and the weights and optimizer state as full, name-keyed state dicts (so any K re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,16 @@ def restore_optimizer(
         return
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     set_optimizer_state_dict(objective, optimizer, optim_state_dict=state, options=options)
+
+
+def weights_writer(
+    cfg: TrainingConfig, objective: Objective, tokenizer: Any, sharded: bool, dtype: torch.dtype
+) -> Callable[[Path], None]:
+    """What writes a checkpoint's weights (rank 0 calls it). Under FSDP every rank must call this
+    function itself: it gathers the full state dict."""
+    if cfg.lora is not None:
+        merge = bool(cfg.lora.merge)
+        return lambda d: ckpt.write_lora(d, objective.model, tokenizer, merge=merge, dtype=dtype)
+    state = full_state_dict(objective, sharded)
+    lm = causal_lm(objective.model)
+    return lambda d: ckpt.write_full_model(d, lm, state, dtype)

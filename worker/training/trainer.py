@@ -28,12 +28,12 @@ from worker.training.config import TrainingConfig
 from worker.training.data import (
     MicroBatch,
     TokenizedDataset,
-    TokenizedExample,
-    collate,
+    empty_batch,
     eval_batches,
     micro_batch_count,
     micro_batches,
     plan_epoch,
+    probe_window,
     shard_step,
     steps_per_epoch,
 )
@@ -47,23 +47,13 @@ from worker.training.distributed import (
 )
 from worker.training.errors import TrainingError, UnusableDataError
 from worker.training.loss import LossStats, allow_tf32
-from worker.training.model import base_dtype, causal_lm, head_candidates, resolve_device, resolve_precision
-from worker.training.objective import self_check
+from worker.training.model import base_dtype, causal_lm, resolve_device, resolve_precision
+from worker.training.objective import check_head
 from worker.training.optim import build_optimizer, build_scheduler
-from worker.training.outputs import RunLog
-from worker.training.setup import build_model, full_state_dict, load_data, optimizer_state, restore_optimizer
+from worker.training.outputs import RunLog, run_summary
+from worker.training.setup import build_model, load_data, optimizer_state, restore_optimizer, weights_writer
 
 Row = dict[str, Any]
-# The metrics of the last step that summary.json repeats as "final".
-_FINAL_FIELDS = (
-    "loss",
-    "nll",
-    "mean_token_prob",
-    "token_accuracy",
-    "valid_loss",
-    "valid_nll",
-    "valid_token_accuracy",
-)
 __all__ = ["Trainer", "TrainingError", "train"]
 
 
@@ -143,35 +133,14 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._plan: tuple[int, list[list[int]]] = (-1, [])
-        self.memory = memory.MemoryPlan(
-            memory.planned_micro_batch(cfg.output_dir, cfg.device_micro_batch(world.world_size)),
-            cfg.output_dir,
-            world,
-            self.device,
-            self.sharded,
-            memory.advice(
-                lora=cfg.lora is not None,
-                checkpointing=cfg.gradient_checkpointing,
-                max_seq_length=cfg.max_seq_length,
-                world_size=world.world_size,
-                sharded=self.sharded,
-            ),
-            on_halve=self._halved,
-        )
+        self.memory = memory.MemoryPlan.for_run(cfg, world, self.device, self.sharded, self._halved)
 
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
 
-        try:
-            head = self_check(self.objective, self._probe_batch(), head_candidates(self.lm.config), cfg.model)
-        except Exception as err:
-            if memory.out_of_memory_error(err) is None:
-                raise
-            raise memory.OutOfMemory(
-                f"out of memory in the start-up check of one sequence on {self.device}; what would fit: "
-                f"{self.memory.advice}"
-            ) from err
+        probe = probe_window(self.train_data.examples, self.pad_id)
+        head = check_head(self.objective, probe, cfg.model, self.memory.advice)
         self._reshard()
         self.objective.head = head
         if head.describe() != "plain":
@@ -217,18 +186,6 @@ class Trainer:
             trained_tokens=stats.n_trained_tokens,
         )
         return data
-
-    def _probe_batch(self) -> MicroBatch:
-        """A window of at most 512 tokens of the shortest training sequence, around its first
-        trained token, for the head's self-check (cheaper than any training pass)."""
-        example = min(
-            (e for e in self.train_data.examples if any(e.trained[1:])), key=lambda e: len(e.input_ids)
-        )
-        first = next(t for t in range(1, len(example.trained)) if example.trained[t])
-        start = max(0, min(first - 256, len(example.input_ids) - 512))
-        end = start + 512
-        window = TokenizedExample(example.input_ids[start:end], example.trained[start:end], example.line)
-        return collate([window], self.pad_id)
 
     def _seed(self) -> None:
         """Every step draws from a generator seeded by (seed, step, rank): dropout is the same
@@ -298,7 +255,19 @@ class Trainer:
                 cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             ):
                 checkpoint = self.save_checkpoint()
-        summary = self._summary(status, checkpoint)
+        summary = run_summary(
+            status,
+            self.config.loss,
+            self.step,
+            self.total_steps,
+            self.counters,
+            self.train_data,
+            self.last_row,
+            checkpoint,
+            elapsed_s=self.elapsed(),
+            world_size=self.world.world_size,
+            micro_batch_size=self.memory.size,
+        )
         self.log.write_summary(summary)
         return TrainResult(status, self.step, self.total_steps, checkpoint, summary)
 
@@ -319,7 +288,7 @@ class Trainer:
         )
         sums = [0.0] * 8
         for i in range(passes):
-            batch = batches[i] if i < len(batches) else self._empty_batch()
+            batch = batches[i] if i < len(batches) else empty_batch(self.train_data.examples, self.pad_id)
             out = self.objective(batch, normalizer, aux_weight=batch.n_trained / normalizer)
             out.loss.backward()
             s = out.stats
@@ -337,14 +306,6 @@ class Trainer:
             )
             sums = [a + b for a, b in zip(sums, values, strict=True)]
         return sums
-
-    def _empty_batch(self) -> MicroBatch:
-        """A pass with nothing to train (the shortest example, no target): keeps FSDP in step."""
-        shortest = min(self.train_data.examples, key=lambda e: len(e.input_ids))
-        return collate(
-            [TokenizedExample(shortest.input_ids, [False] * len(shortest.input_ids), shortest.line)],
-            self.pad_id,
-        )
 
     def train_step(self, indices: list[int]) -> Row:
         cfg = self.config
@@ -446,7 +407,9 @@ class Trainer:
         )
         sums = [0.0] * 5
         for i in range(passes):
-            s = self.objective(batches[i] if i < len(batches) else self._empty_batch(), 1.0).stats
+            s = self.objective(
+                batches[i] if i < len(batches) else empty_batch(self.train_data.examples, self.pad_id), 1.0
+            ).stats
             sums = [
                 a + b
                 for a, b in zip(sums, (s.loss_sum, s.nll_sum, s.prob_sum, s.correct, s.tokens), strict=True)
@@ -467,7 +430,7 @@ class Trainer:
         """Every rank takes part (FSDP gathers the shards); rank 0 writes."""
         cfg = self.config
         t0 = time.perf_counter()
-        write = self._weights_writer()
+        write = weights_writer(cfg, self.objective, self.tokenizer, self.sharded, self.base_dtype)
         optim = optimizer_state(self.objective, self.optimizer, self.sharded)
         path = ckpt.checkpoints_dir(cfg.output_dir) / f"step-{self.step:06d}"
         if self.world.is_main:
@@ -502,16 +465,6 @@ class Trainer:
         self.world.barrier()
         return path
 
-    def _weights_writer(self) -> Callable[[Path], None]:
-        cfg = self.config
-        if cfg.lora is not None:
-            merge = bool(cfg.lora.merge)
-            return lambda d: ckpt.write_lora(
-                d, self.model, self.tokenizer, merge=merge, dtype=self.base_dtype
-            )
-        state = full_state_dict(self.objective, self.sharded)  # a collective under FSDP
-        return lambda d: ckpt.write_full_model(d, self.lm, state, self.base_dtype)
-
     def resume(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
         changed = ckpt.fingerprint_changes(json.loads(state["fingerprint"]), self.fingerprint)
@@ -533,28 +486,6 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group (a multi-GPU job); nothing to do for one process."""
         shut_down(self.world)
-
-    def _summary(self, status: str, checkpoint: Path | None) -> dict[str, Any]:
-        c = self.counters
-        stats = self.train_data.stats
-        final = {k: v for k, v in self.last_row.items() if k in _FINAL_FIELDS}
-        return {
-            "status": status,
-            "loss_mode": self.config.loss,
-            "steps": self.step,
-            "total_steps": self.total_steps,
-            "trained_tokens": c["trained_tokens"],
-            "padding_fraction": 1.0 - c["real_tokens"] / max(c["processed_tokens"], 1),
-            "skipped_steps": c["skipped_steps"],
-            "examples": len(self.train_data.examples),
-            "truncated_examples": stats.n_truncated,
-            "dropped_examples": stats.n_dropped,
-            "final": final,
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "elapsed_s": round(self.elapsed(), 3),
-            "world_size": self.world.world_size,
-            "micro_batch_size": self.memory.size,
-        }
 
 
 def train(config: TrainingConfig, **hooks: Any) -> TrainResult:
