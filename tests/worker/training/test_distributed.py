@@ -126,26 +126,35 @@ def test_two_processes_train_what_one_process_trains(
     assert [s for s, _ in list_checkpoints(tmp_path / "two")] == [2, 3]
 
 
+@pytest.fixture(scope="module")
+def straight(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output of an uninterrupted 4-step run in one process, that interrupted runs must match."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    assert (
+        run("-m", "worker.training", str(write_config(tmp_path, "straight", model, max_steps=4))).returncode
+        == 0
+    )
+    return tmp_path / "straight"
+
+
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)], ids=["K2-then-K1", "K1-then-K2"])
 def test_killed_and_resumed_on_another_number_of_processes(
-    tmp_path: Path, model: Path, first: int, then: int
+    tmp_path: Path, model: Path, straight: Path, first: int, then: int
 ) -> None:
-    straight = write_config(tmp_path, "straight", model, max_steps=4)
-    assert run("-m", "worker.training", str(straight)).returncode == 0
     killed = write_config(tmp_path, "killed", model, max_steps=4)
     died = run("-m", "tests.worker.training.kill_runner", str(killed), "--after-step", "3", nproc=first)
     assert died.returncode != 0
     assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [2]  # step 3 was lost with the kill
     resumed = run("-m", "worker.training", str(killed), nproc=then)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"))
-    assert_same_rows(rows(tmp_path / "straight"), rows(tmp_path / "killed"))
+    assert_same_weights(final_weights(straight), final_weights(tmp_path / "killed"))
+    assert_same_rows(rows(straight), rows(tmp_path / "killed"))
     assert "resumed from checkpoint step-000002" in (tmp_path / "killed" / "events.jsonl").read_text()
 
 
-def test_a_rank_killed_mid_step_takes_the_group_down_and_the_job_resumes(tmp_path: Path, model: Path) -> None:
-    straight = write_config(tmp_path, "straight", model, max_steps=4)
-    assert run("-m", "worker.training", str(straight)).returncode == 0
+def test_a_rank_killed_mid_step_takes_the_group_down_and_the_job_resumes(
+    tmp_path: Path, model: Path, straight: Path
+) -> None:
     killed = write_config(tmp_path, "killed", model, max_steps=4)
     died = run(
         "-m", "tests.worker.training.kill_runner", str(killed), "--mid-step", "3", "--rank", "1", nproc=2
@@ -159,4 +168,4 @@ def test_a_rank_killed_mid_step_takes_the_group_down_and_the_job_resumes(tmp_pat
     assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [2]
     resumed = run("-m", "worker.training", str(killed), nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"))
+    assert_same_weights(final_weights(straight), final_weights(tmp_path / "killed"))
