@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from worker.training.config import ConfigError, LoraConfig, TrainingConfig
+from worker.training.lora import fold_dropout
 
 
 class ModelLoadError(RuntimeError):
@@ -319,6 +320,7 @@ def prepare_model(
         for p in model.parameters():  # adapters train in fp32 whatever the base's dtype
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
+        fold_dropout(model)  # dropout inside A: no mask or input copy kept for backward (lora.py)
     if cfg.chat_template is not None:
         tokenizer.chat_template = cfg.chat_template
     enable_checkpointing(model, cfg)
