@@ -18,10 +18,9 @@ MakeConfig = Callable[..., Any]
 
 
 def _dropout_linear(d_in: int, d_out: int, p: float) -> DropoutLinear:
-    layer = torch.nn.Linear(d_in, d_out, bias=False)
-    layer.__class__ = DropoutLinear
-    layer.dropout_p = p  # type: ignore[attr-defined]
-    return layer  # type: ignore[return-value]
+    layer = DropoutLinear(d_in, d_out, bias=False)
+    layer.dropout_p = p
+    return layer
 
 
 def test_forward_and_gradients_equal_dropout_then_linear() -> None:
