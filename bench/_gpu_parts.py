@@ -235,36 +235,49 @@ def trainer_step(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def finetune_configs() -> dict[str, dict[str, Any]]:
+    """Name -> TrainingConfig fields: the full fine-tune per precision and checkpointing, then LoRA
+    (r=16, all-linear) in fp32 and bf16-mixed without checkpointing (last: the first skipped)."""
+    from worker.training.config import LoraConfig
+
+    configs: dict[str, dict[str, Any]] = {
+        f"{precision}-{'ckpt' if ckpt else 'nockpt'}": dict(precision=precision, gradient_checkpointing=ckpt)
+        for precision in PRECISIONS
+        for ckpt in (False, True)
+    }
+    for precision in ("fp32", "bf16-mixed"):
+        configs[f"lora-{precision}-nockpt"] = {"precision": precision, "lora": LoraConfig(r=16)}
+    return configs
+
+
 def full_finetune(ctx: Ctx, batch: int, seq: int) -> dict[str, Any]:
-    """Peak memory and tokens/s of a Qwen2.5-1.5B-shaped full fine-tune, per precision and
-    checkpointing: setup (preflight), one untimed step, then `ctx.steps` timed steps."""
+    """Peak memory and tokens/s of a Qwen2.5-1.5B-shaped fine-tune per configuration: setup (which
+    runs the preflight pass), one untimed step, then `ctx.steps` timed steps."""
     shape = TINY_QWEN if ctx.smoke else {}
     model, data = _setup(ctx, "qwen", QWEN25_1_5B, shape, batch, seq, torch.bfloat16)
     out: dict[str, Any] = {"batch": batch, "seq": seq, "configs": {}}
     longest = 0.0
-    for precision in PRECISIONS:
-        for ckpt in (False, True):
-            name = f"{precision}-{'ckpt' if ckpt else 'nockpt'}"
-            if time.monotonic() + longest > ctx.deadline:
-                out["configs"][name] = {"skipped": "time budget"}
-                continue
-            t_config = time.monotonic()
-            out["configs"][name] = _finetune_config(ctx, model, data, name, batch, seq, precision, ckpt)
-            longest = max(longest, time.monotonic() - t_config)
-    configs = out["configs"].values()
-    out["errors"] = [n for n, r in out["configs"].items() if "error" in r]
-    out["passed"] = not out["errors"] and all(r.get("finite", True) for r in configs)
+    for name, fields in finetune_configs().items():
+        if time.monotonic() + longest > ctx.deadline:
+            out["configs"][name] = {"skipped": "time budget"}
+            continue
+        t_config = time.monotonic()
+        out["configs"][name] = _finetune_config(ctx, model, data, name, batch, seq, fields)
+        longest = max(longest, time.monotonic() - t_config)
+    runs = out["configs"]
+    lora32, lora16 = runs["lora-fp32-nockpt"].get("peak_mib"), runs["lora-bf16-mixed-nockpt"].get("peak_mib")
+    out["lora_bf16_vs_fp32_peak"] = lora16 / lora32 if lora16 and lora32 else None
+    out["errors"] = [n for n, r in runs.items() if "error" in r]
+    out["passed"] = not out["errors"] and all(r.get("finite", True) for r in runs.values())
     return out
 
 
 def _finetune_config(
-    ctx: Ctx, model: Path, data: Path, name: str, batch: int, seq: int, precision: str, ckpt: bool
+    ctx: Ctx, model: Path, data: Path, name: str, batch: int, seq: int, fields: dict[str, Any]
 ) -> dict[str, Any]:
     try:
-        trainer = _trainer(
-            ctx, model, data, ctx.workdir / f"qwen-{name}", batch, seq,
-            precision=precision, gradient_checkpointing=ckpt, micro_batch_size=batch,
-        )  # fmt: skip
+        out = ctx.workdir / f"qwen-{name}"
+        trainer = _trainer(ctx, model, data, out, batch, seq, micro_batch_size=batch, **fields)
         step = list(range(batch))
         trainer.train_step(step)  # untimed
         before = ctx.start_peak()
@@ -279,6 +292,7 @@ def _finetune_config(
         step_s = sum(times) / len(times)
         result = {
             "params": sum(p.numel() for p in trainer.objective.parameters()),
+            "trainable_params": sum(p.numel() for p in trainer.params),
             "processed_tokens_per_step": processed,
             "trained_tokens_per_step": rows[-1]["step_tokens"],
             "step_s": step_s,
@@ -335,7 +349,7 @@ def _measure(
         ctx.sync()
         times.append(time.perf_counter() - t0)
         peaks.append(ctx.peak_mib(base))
-        loss = float(out)
+        loss = float(out.detach())
         del out
     return {"time_ms": min(times) * 1e3, "peak_mib": peaks[0], "loss": loss}
 

@@ -19,8 +19,9 @@ error text and the other parts still run):
   `--batch` x `--seq` (default 8 x 1024) as one micro-batch, per precision, gradient checkpointing
   off and on: after setup (which runs the preflight pass) and one untimed step, `--steps` timed
   steps: mean step time, processed tokens/s, peak `max_memory_allocated` (weights and optimizer
-  state included) and what was allocated before the steps. Configurations that would run past the
-  time budget (`--budget-s`) are skipped, and say so.
+  state included) and what was allocated before the steps. Then LoRA (r=16, all-linear) in fp32 and
+  bf16-mixed, for the LoRA bf16/fp32 peak ratio bench/memory_model.py measures on the CPU.
+  Configurations that would run past the time budget (`--budget-s`) are skipped, and say so.
 - mfu (e): model FLOPs utilisation of (d): 6 x parameters x processed tokens / step time / the
   GPU's dense bf16 peak (a small table by device name, the figure used is printed).
 
@@ -104,6 +105,9 @@ def mfu(finetune: dict[str, Any], device_name: str) -> dict[str, Any]:
     for name, r in finetune.get("configs", {}).items():
         if "step_s" not in r:
             out["configs"][name] = {"skipped": r.get("skipped") or r.get("error")}
+            continue
+        if r["trainable_params"] != r["params"]:  # LoRA: no weight gradients of the base, not 6N
+            out["configs"][name] = {"skipped": "LoRA (6N counts the frozen base's weight gradients)"}
             continue
         achieved = 6.0 * r["params"] * r["processed_tokens_per_step"] / r["step_s"]
         out["configs"][name] = {

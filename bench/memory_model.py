@@ -5,8 +5,9 @@ small BPE tokenizer; `--layers` shrinks it), batch `--batch` prompt/completion s
 `--seq` tokens (longer examples truncated; ~`--prompt-tokens` of each untrained), DFT, one
 optimizer step, for each configuration:
 
-- full fine-tune under fp32, bf16-mixed and bf16-pure; LoRA (r=16, alpha 32, dropout 0.05,
-  all-linear) under fp32 and bf16-mixed; each with gradient checkpointing off and on;
+- full fine-tune under fp32, bf16-mixed and bf16-pure; LoRA (r=16, alpha 32, dropout
+  `--lora-dropout` 0.05, all-linear) under fp32 and bf16-mixed; each with gradient checkpointing
+  off and on;
 - ours: `worker.training.trainer.Trainer` (setup, which runs the preflight pass and allocates
   AdamW's state, then one `train_step` over the batch, measured);
 - trl: `trl.SFTTrainer` with `SFTConfig(loss_type="dft", per_device_train_batch_size=batch,
@@ -21,7 +22,18 @@ transformers, peft, trl, datasets in both), `before` at the start of the measure
 optimizer state, data; freed heap handed back first), `peak` the step's high-water mark (VmHWM after
 `echo 5 > /proc/self/clear_refs`; where that is refused, a thread samples RSS every ms). Reported in
 MiB: `step_peak` = peak - base (what the step needs), `before` = before - base, `activation` =
-peak - before (activations, gradients and temporaries of the step).
+peak - before (activations, gradients and temporaries of the step), and `activation_minus_grads`
+= activation - the trained parameters' bytes (their gradients, which no checkpointing removes; an
+estimate: it assumes all gradients are alive at the peak). `params`, `trainable` and `optimizer`
+are exact tensor bytes.
+
+The allocator matters. By default (`--malloc mmap`) the subprocesses run with
+MALLOC_MMAP_THRESHOLD_=65536, so glibc maps every block of 64 KiB or more on its own and unmaps
+it when freed: RSS then follows the live tensors, like `max_memory_allocated` on a GPU. With
+glibc's own heap (`--malloc glibc`) freed activations stay resident in the heap, by amounts that
+depend on the order of allocations (up to several times the live memory in checkpointed steps),
+so that figure says more about glibc than about the step. Both systems always run under the same
+allocator.
 
 FSDP: the fp32 full fine-tune under `torchrun --nproc-per-node 2` (gloo, `distributed: fsdp`, same
 global batch), setup and one step; each rank's parameter + optimizer-state bytes are the exact sum of
@@ -32,10 +44,12 @@ Goals (measured in the same run):
 - activation with checkpointing <= 0.35x without it (ours, every configuration)
 - ours step_peak <= 0.8x TRL's in every configuration TRL has
 - FSDP K=2 per-rank parameter + optimizer bytes <= 0.55x K=1
+`ratios` adds, with no goal: checkpointing's ratio of activation_minus_grads, and ours/TRL of
+activation alone.
 
 Output: one JSON line on stdout (progress on stderr). Run from the repository root:
 
-    .venv/bin/python -m bench.memory_model                    # everything, ~1 hour on 2 cores
+    .venv/bin/python -m bench.memory_model                    # everything, ~25 minutes on 2 cores
     .venv/bin/python -m bench.memory_model --layers 2 --seq 64 --vocab 4096   # smoke, ~3 minutes
     .venv/bin/python -m bench.memory_model --configs lora-fp32,lora-bf16-mixed --no-fsdp
 """
@@ -66,7 +80,8 @@ MIB = 1024 * 1024
 TUNES = {"full": ("fp32", "bf16-mixed", "bf16-pure"), "lora": ("fp32", "bf16-mixed")}
 CONFIGS = [f"{tune}-{prec}" for tune, precs in TUNES.items() for prec in precs]
 GOAL_LORA, GOAL_CKPT, GOAL_TRL, GOAL_FSDP = 0.55, 0.35, 0.8, 0.55
-LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05  # target_modules: "all-linear"
+LORA_R, LORA_ALPHA = 16, 32  # target_modules: "all-linear"; dropout: --lora-dropout (0.05)
+MMAP_THRESHOLD = "65536"  # --malloc mmap: glibc serves every block >= 64 KiB with its own mmap
 
 
 def log(msg: str) -> None:
@@ -102,10 +117,15 @@ def _local_bytes(tensors: Any) -> int:
 
 
 def state_bytes(module: Any, optimizer: Any) -> dict[str, int]:
+    """Exact bytes held: all parameters, the trained ones (= their gradients' bytes), AdamW's state."""
     import torch
 
     opt = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {"params": _local_bytes(module.parameters()), "optimizer": _local_bytes(opt)}
+    return {
+        "params": _local_bytes(module.parameters()),
+        "trainable": _local_bytes(p for p in module.parameters() if p.requires_grad),
+        "optimizer": _local_bytes(opt),
+    }
 
 
 def _config(args: argparse.Namespace, out: Path, precision: str, lora: bool, ckpt: bool, **extra: Any) -> Any:
@@ -123,7 +143,7 @@ def _config(args: argparse.Namespace, out: Path, precision: str, lora: bool, ckp
         device="cpu",
         precision=precision,
         gradient_checkpointing=ckpt,
-        lora=LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, target_modules="all-linear")
+        lora=LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=args.lora_dropout, target_modules="all-linear")
         if lora
         else None,
         seed=args.seed,
@@ -147,10 +167,14 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _figures(base: int, meter: PeakRSS, seconds: float, **extra: Any) -> dict[str, Any]:
+    grads = extra.get("trainable", 0)
     return {
         "step_peak_mib": (meter.base + meter.peak - base) / MIB,
         "before_mib": (meter.base - base) / MIB,
         "activation_mib": meter.peak / MIB,
+        # the step's own gradients (as many bytes as the trained parameters) are part of the
+        # activation figure and no checkpointing reduces them; this is the rest (an estimate)
+        "activation_minus_grads_mib": (meter.peak - grads) / MIB,
         "base_rss_mib": base / MIB,
         "step_s": seconds,
         "memory_method": meter.method,
@@ -177,7 +201,7 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
         LoraConfig(
             r=LORA_R,
             lora_alpha=LORA_ALPHA,
-            lora_dropout=LORA_DROPOUT,
+            lora_dropout=args.lora_dropout,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
@@ -263,6 +287,7 @@ def _child_cmd(args: argparse.Namespace, child: str, result: Path, **kw: Any) ->
     cmd = ["-m", "bench.memory_model", "--child", child, "--result-file", str(result)]
     cmd += ["--model-dir", args.model_dir, "--train-file", args.train_file]
     cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed)]
+    cmd += ["--lora-dropout", str(args.lora_dropout)]
     for key, value in kw.items():
         if value is True:
             cmd.append(f"--{key}")
@@ -277,6 +302,8 @@ def run_child(args: argparse.Namespace, label: str, child: str, nproc: int = 1, 
         kw["out-dir"] = str(Path(tmp) / "run")
         launcher = [sys.executable]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if args.malloc == "mmap":
+            env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
             env["OMP_NUM_THREADS"] = "1"
@@ -313,11 +340,19 @@ def _goal(bound: float, values: dict[str, float | None]) -> dict[str, Any]:
     return {"target": f"<= {bound}", "values": values, "met": met}
 
 
-def evaluate(results: dict[str, dict[str, Any]], fsdp: dict[str, Any]) -> dict[str, Any]:
+def evaluate(
+    results: dict[str, dict[str, Any]], fsdp: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(goals, further ratios that explain them, with no goal)."""
+
     def get(system: str, name: str, key: str) -> Any:
         return results.get(system, {}).get(name, {}).get(key)
 
     lora, ckpt, trl = {}, {}, {}
+    info: dict[str, dict[str, float | None]] = {
+        "checkpointing_activation_minus_grads_vs_none": {},
+        "ours_vs_trl_activation": {},
+    }
     for suffix in ("nockpt", "ckpt"):
         lora[suffix] = _ratio(
             get("ours", f"lora-bf16-mixed-{suffix}", "step_peak_mib"),
@@ -329,8 +364,15 @@ def evaluate(results: dict[str, dict[str, Any]], fsdp: dict[str, Any]) -> dict[s
             ckpt[stem] = _ratio(
                 get("ours", f"{stem}-ckpt", "activation_mib"), get("ours", name, "activation_mib")
             )
+            info["checkpointing_activation_minus_grads_vs_none"][stem] = _ratio(
+                get("ours", f"{stem}-ckpt", "activation_minus_grads_mib"),
+                get("ours", name, "activation_minus_grads_mib"),
+            )
     for name in results.get("trl", {}):
         trl[name] = _ratio(get("ours", name, "step_peak_mib"), get("trl", name, "step_peak_mib"))
+        info["ours_vs_trl_activation"][name] = _ratio(
+            get("ours", name, "activation_mib"), get("trl", name, "activation_mib")
+        )
     goals = {
         "lora_bf16_vs_fp32_peak": _goal(GOAL_LORA, lora),
         "checkpointing_activation_vs_none": _goal(GOAL_CKPT, ckpt),
@@ -341,7 +383,7 @@ def evaluate(results: dict[str, dict[str, Any]], fsdp: dict[str, Any]) -> dict[s
         per_rank = [r.get("params_plus_optimizer_mib") for r in fsdp.get("k2", {}).get("ranks", [])]
         k2 = max(per_rank) if per_rank and None not in per_rank else None
         goals["fsdp_k2_vs_k1_params_optimizer"] = _goal(GOAL_FSDP, {"k2_per_rank_max": _ratio(k2, k1)})
-    return goals
+    return goals, info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -357,6 +399,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", default="off,on", help="off,on (default both)")
     p.add_argument("--systems", default="ours,trl", help="ours,trl (default both)")
     p.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="skip the FSDP K=2 vs K=1 runs")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument(
+        "--malloc",
+        choices=("mmap", "glibc"),
+        default="mmap",
+        help="mmap (default): blocks >= 64 KiB are mapped and unmapped one by one, so RSS follows the live "
+        "tensors; glibc: its default heap, which keeps freed blocks resident (RSS above the live tensors)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess (default 1800)")
     # child mode
@@ -419,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in (1, 2):
                 log(f"fsdp K={k} ...")
                 fsdp[f"k{k}"] = run_child(args, f"fsdp K={k}", "fsdp", nproc=k)
-    goals = evaluate(results, fsdp)
+    goals, ratios = evaluate(results, fsdp)
     failed = [f"{s} {n}" for s, rs in results.items() for n, r in rs.items() if "error" in r]
     failed += [f"fsdp {k}" for k, r in fsdp.items() if "error" in r]
     out = {
@@ -429,10 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         "seq": args.seq,
         "loss": "dft",
         "device": "cpu",
+        "malloc": args.malloc,
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": args.lora_dropout, "targets": "all-linear"},
         "threads": os.cpu_count(),
         "results": results,
         "fsdp": fsdp,
         "goals": goals,
+        "ratios": ratios,
         "all_goals_met": all(g["met"] is True for g in goals.values()),
         "errors": failed,
     }

@@ -202,7 +202,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     def on_metrics(row: dict[str, Any]) -> None:
         ends.append(time.perf_counter())
         rows.append(row)
-        log(f"ours: step {row['step']}: {row['step_tokens']} tokens, {row['tokens_per_sec']:.1f} tok/s")
+        tps = row["tokens_per_sec"]
+        log(f"{args.system}: step {row['step']}: {row['step_tokens']} tokens, {tps:.1f} tok/s")
 
     with tempfile.TemporaryDirectory(prefix="tp_ours_") as tmp:
         config = TrainingConfig(
