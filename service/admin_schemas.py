@@ -46,6 +46,10 @@ class QuotaUpdate(BaseModel):
     share_weight: float | None = Field(
         None, allow_inf_nan=False, description=f"above 0, at most {MAX_SHARE_WEIGHT:g}"
     )
+    max_gpus: StrictInt | None = Field(
+        None,
+        description=f"GPUs the team's running jobs may hold over all pools, 0 to {MAX_JOBS}; -1: no limit",
+    )
 
 
 class ModelCreate(BaseModel):
@@ -79,6 +83,7 @@ class Quota(BaseModel):
     max_queued_jobs: int
     max_storage_bytes: int
     share_weight: float
+    max_gpus: int | None = Field(description="GPUs running at once over all pools; null: no limit")
 
 
 class Usage(BaseModel):
@@ -191,6 +196,7 @@ def quota_of(team: Team) -> Quota:
         max_queued_jobs=team.max_queued_jobs,
         max_storage_bytes=team.max_storage_bytes,
         share_weight=team.share_weight,
+        max_gpus=team.max_gpus,
     )
 
 

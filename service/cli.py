@@ -257,13 +257,18 @@ def set_quota_cmd(
     max_queued_jobs: int | None = typer.Option(None, help="jobs of the team that may wait at once"),
     max_storage_bytes: str | None = typer.Option(None, help="bytes of files: 500000, 10GB, 10GiB or 10G"),
     share_weight: float | None = typer.Option(None, help="the team's weight in fair share (default 1.0)"),
+    max_gpus: int | None = typer.Option(
+        None, help="GPUs its running jobs may hold over all pools (-1: no limit)"
+    ),
 ) -> None:
     """Change TEAM's quotas: only the options given change."""
     from service.teams import AdminError, parse_size, set_quota
 
-    if all(v is None for v in (max_running_jobs, max_queued_jobs, max_storage_bytes, share_weight)):
+    given = (max_running_jobs, max_queued_jobs, max_storage_bytes, share_weight, max_gpus)
+    if all(v is None for v in given):
         fail(
-            "give at least one of --max-running-jobs, --max-queued-jobs, --max-storage-bytes, --share-weight",
+            "give at least one of --max-running-jobs, --max-queued-jobs, --max-storage-bytes, "
+            "--share-weight, --max-gpus",
             2,
         )
     try:
@@ -278,10 +283,12 @@ def set_quota_cmd(
             max_queued_jobs=max_queued_jobs,
             max_storage_bytes=storage,
             share_weight=share_weight,
+            max_gpus=max_gpus,
         )
     typer.echo(
         f"team {t.name}: max_running_jobs={t.max_running_jobs} max_queued_jobs={t.max_queued_jobs} "
-        f"max_storage_bytes={t.max_storage_bytes} share_weight={t.share_weight:g}"
+        f"max_storage_bytes={t.max_storage_bytes} share_weight={t.share_weight:g} "
+        f"max_gpus={'none' if t.max_gpus is None else t.max_gpus}"
     )
 
 

@@ -78,7 +78,19 @@ class Team(Base):
     max_queued_jobs: Mapped[int] = mapped_column(Integer)
     max_storage_bytes: Mapped[int] = mapped_column(BigInteger)
     share_weight: Mapped[float] = mapped_column(Float, default=1.0)
+    max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)  # over all pools; None: no limit
     created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+
+
+class TeamUsage(Base):
+    """A team's decayed GPU-seconds in one pool, as of `as_of` (worker/scheduling.py decays it)."""
+
+    __tablename__ = "team_usage"
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float)
+    as_of: Mapped[float] = mapped_column(Float)
 
 
 class ApiKey(Base):
@@ -159,6 +171,8 @@ class Job(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # While running: the time up to which its GPU-seconds are in its team's usage (team_usage).
+    usage_accounted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Progress and results.
     steps_completed: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     default_checkpoint_every: int = Field(50, ge=1)
     # Checkpoints kept per job (older ones are deleted from storage as newer ones complete).
     keep_checkpoints: int = Field(3, ge=1)
+    # Fair share (worker/scheduling.py): a team's GPU-seconds used in a pool count half after this
+    # long, a quarter after twice as long..., when teams equally served now are ordered.
+    fairshare_half_life_s: float = Field(86400.0, gt=0)
     # Address-space limit (RLIMIT_AS) of a training process in bytes, on CPU workers only (0: none).
     # A job that exceeds it fails with `out_of_memory` instead of taking the node's memory from
     # everything else. GPU workers (--gpu) ignore it, with a warning at start: CUDA reserves far

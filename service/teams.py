@@ -171,13 +171,17 @@ def set_quota(
     max_queued_jobs: int | None = None,
     max_storage_bytes: int | None = None,
     share_weight: float | None = None,
+    max_gpus: int | None = None,
 ) -> Team:
+    """Change the limits given (None: unchanged). `max_gpus` counts GPUs running over all pools;
+    -1 removes that limit."""
     team = team_by_name(session, team_name)
     changes = {
         "max_running_jobs": max_running_jobs,
         "max_queued_jobs": max_queued_jobs,
         "max_storage_bytes": max_storage_bytes,
         "share_weight": share_weight,
+        "max_gpus": max_gpus,
     }
     if all(value is None for value in changes.values()):
         raise AdminError(f"give at least one of {', '.join(changes)}")
@@ -189,12 +193,15 @@ def set_quota(
                 raise AdminError(f"{field}: must be a number above 0 and at most {MAX_SHARE_WEIGHT:g}", field)
         elif isinstance(value, bool) or not isinstance(value, int):
             raise AdminError(f"{field}: must be an integer", field)
+        elif field == "max_gpus":
+            if not -1 <= value <= MAX_JOBS:
+                raise AdminError(f"{field}: must be from 0 to {MAX_JOBS}, or -1 for no limit", field)
         elif not 0 <= value <= (MAX_STORAGE_BYTES if field == "max_storage_bytes" else MAX_JOBS):
             top = MAX_STORAGE_BYTES if field == "max_storage_bytes" else MAX_JOBS
             raise AdminError(f"{field}: must be from 0 to {top}", field)
     for field, value in changes.items():
         if value is not None:
-            setattr(team, field, value)
+            setattr(team, field, None if field == "max_gpus" and value == -1 else value)
     session.commit()
     return team
 

@@ -1,26 +1,25 @@
-"""Claiming a job (`claim_next_job`) and fencing every later write of that run (`Fence`).
+"""Claiming a job (`claim_next_job`), fencing every later write of that run (`Fence`), and
+counting the GPU time each team uses (`account_usage`).
 
 A free worker takes the next job of its pool in one transaction: `queued -> running`, attempt + 1,
-its worker id and a lease. Which job is decided here, when a GPU frees, from the database:
-
-1. teams already at `max_running_jobs` (over all pools) are skipped;
-2. then the team with the fewest running jobs in this pool per unit of share weight goes first,
-   so one team's hundred jobs cannot starve another team's one;
-3. between teams equally served now, the one that started fewer jobs in this pool in the last
-   hour (per share weight): on a one-GPU pool, where nothing runs when the worker is free,
-   teams take turns;
-4. then higher priority, then older.
+its worker id and a lease. Which job is decided when a GPU frees, by worker/scheduling.py's
+`rank` over a snapshot of the pool read here: teams at `max_running_jobs` or `max_gpus` skipped,
+jobs that do not fit the node's free slots skipped, then the fewest GPUs running in the pool per
+share weight, then the least decayed GPU-seconds used there per share weight (half-life
+`TUNEPOOL_FAIRSHARE_HALF_LIFE_S`), then priority, then age.
 
 Races: two workers may pick the same job. On PostgreSQL the claimer locks the job's row with
 `FOR UPDATE SKIP LOCKED` (a row another claimer holds is skipped, never waited for); on both
 databases the claim is a conditional UPDATE (`WHERE status = 'queued'`), so exactly one wins and
 the other tries the next candidate. The team's row is locked
 first (PostgreSQL; on SQLite the whole database is), so two claims for one team cannot both pass
-its `max_running_jobs` check.
+its `max_running_jobs` and `max_gpus` checks.
 
 Every later write of the run goes through `Fence`: it touches the job only `WHERE id = ? AND
 attempt = ? AND status = 'running'`, so a worker that lost its lease (and whose job was handed to
-another worker, attempt + 1) can no longer change anything: its writes raise `LeaseLost`.
+another worker, attempt + 1) can no longer change anything: its writes raise `LeaseLost`. Each
+fenced write (heartbeats every few seconds, the run's end) also adds the GPU-seconds the run used
+since the last one to its team's usage; a run that dies uncounted loses at most one heartbeat's.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -36,13 +35,11 @@ from sqlalchemy.orm import Session
 
 from service.db import Database, lock_team, rows_updated
 from service.jobs import add_event
-from service.models import Job, JobStatus, Team
+from service.models import Job, JobStatus, Team, TeamUsage
+from worker.scheduling import Candidate, Snapshot, TeamState, add_usage, decayed, limit_reason, rank
 
 S = JobStatus
-
-
-# The window of recent usage that breaks ties between equally served teams.
-RECENT_S = 3600.0
+DEFAULT_HALF_LIFE_S = 86400.0  # TUNEPOOL_FAIRSHARE_HALF_LIFE_S's default
 
 
 class LeaseLost(RuntimeError):
@@ -56,38 +53,48 @@ class Claim:
     pool: str
 
 
-def _running_counts(session: Session, pool: str) -> tuple[dict[str, int], dict[str, int]]:
-    """(running jobs per team in `pool`, running jobs per team in all pools)."""
+def _team_states(session: Session, pool: str, now: float, half_life_s: float) -> dict[str, TeamState]:
+    """Every team with its running jobs and GPUs (all pools, this pool) and its usage here now."""
+    running: dict[str, list[int]] = {}  # team -> [jobs, gpus, gpus in pool]
+    unaccounted: dict[str, float] = {}  # team -> GPU-seconds of its running jobs here not yet counted
     rows = session.execute(
-        select(Job.team_id, Job.pool, func.count())
-        .where(Job.status == S.RUNNING.value)
-        .group_by(Job.team_id, Job.pool)
+        select(Job.team_id, Job.pool, Job.gpus, Job.usage_accounted_at).where(Job.status == S.RUNNING.value)
     ).all()
-    in_pool: dict[str, int] = {}
-    total: dict[str, int] = {}
-    for team_id, job_pool, n in rows:
-        total[team_id] = total.get(team_id, 0) + n
+    for team_id, job_pool, gpus, accounted_at in rows:
+        counts = running.setdefault(team_id, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += gpus
         if job_pool == pool:
-            in_pool[team_id] = n
-    return in_pool, total
+            counts[2] += gpus
+            if accounted_at is not None and now > accounted_at:
+                unaccounted[team_id] = unaccounted.get(team_id, 0.0) + gpus * (now - accounted_at)
+    usage = {
+        u.team_id: decayed(u.gpu_seconds, u.as_of, now, half_life_s)
+        for u in session.scalars(select(TeamUsage).where(TeamUsage.pool == pool))
+    }
+    states = {}
+    for team in session.scalars(select(Team)):
+        jobs, gpus, in_pool = running.get(team.id, (0, 0, 0))
+        states[team.id] = TeamState(
+            id=team.id,
+            share_weight=team.share_weight,
+            max_running_jobs=team.max_running_jobs,
+            max_gpus=team.max_gpus,
+            running_jobs=jobs,
+            gpus_running=gpus,
+            gpus_in_pool=in_pool,
+            usage=usage.get(team.id, 0.0) + unaccounted.get(team.id, 0.0),
+        )
+    return states
 
 
-def _recent_starts(session: Session, pool: str, since: float) -> dict[str, int]:
-    """Jobs each team started in `pool` since `since` (running or finished)."""
-    rows = session.execute(
-        select(Job.team_id, func.count())
-        .where(Job.pool == pool, Job.started_at >= int(since), Job.status != S.QUEUED.value)
-        .group_by(Job.team_id)
-    ).all()
-    return {team_id: n for team_id, n in rows}
-
-
-def _candidates(session: Session, pool: str) -> list[tuple[str, str, int, int]]:
-    """Each team's first queued job in `pool` (priority, then age): (team id, job id, priority, pk)."""
+def _candidates(session: Session, pool: str) -> list[Candidate]:
+    """Each team's first queued job in `pool` (priority, then age)."""
     ranked = (
         select(
             Job.team_id,
             Job.id,
+            Job.gpus,
             Job.priority,
             Job.pk,
             func.row_number()
@@ -98,40 +105,44 @@ def _candidates(session: Session, pool: str) -> list[tuple[str, str, int, int]]:
         .subquery()
     )
     rows = session.execute(
-        select(ranked.c.team_id, ranked.c.id, ranked.c.priority, ranked.c.pk).where(ranked.c.rank == 1)
+        select(ranked.c.team_id, ranked.c.id, ranked.c.gpus, ranked.c.priority, ranked.c.pk).where(
+            ranked.c.rank == 1
+        )
     ).all()
-    return [(r[0], r[1], r[2], r[3]) for r in rows]
+    return [Candidate(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
-def claim_next_job(db: Database, pool: str, worker_id: str, lease_s: float) -> Claim | None:
-    """Move the pool's next job (fair share, priority, age) to `running` for this worker, or None."""
+def claim_next_job(
+    db: Database,
+    pool: str,
+    worker_id: str,
+    lease_s: float,
+    *,
+    free_slots: int = 1,
+    half_life_s: float = DEFAULT_HALF_LIFE_S,
+    now: float | None = None,
+) -> Claim | None:
+    """Move the pool's next job that fits `free_slots` (worker/scheduling.py's order) to `running`
+    for this worker, or None. `now` (default: the clock) is for tests of the decayed usage."""
     tried: set[str] = set()
     while True:
         with db.session() as session:
-            in_pool, total = _running_counts(session, pool)
-            started = _recent_starts(session, pool, time.time() - RECENT_S)
-            teams = {t.id: t for t in session.scalars(select(Team))}
-            order = []
-            for team_id, job_id, priority, pk in _candidates(session, pool):
-                team = teams.get(team_id)
-                if team is None or job_id in tried or total.get(team_id, 0) >= team.max_running_jobs:
-                    continue
-                weight = max(team.share_weight, 1e-9)
-                share = in_pool.get(team_id, 0) / weight
-                # Ties (always, on a one-GPU pool: nothing else runs when its worker is free) go
-                # to the team that started fewer jobs here lately, so teams take turns.
-                recent = started.get(team_id, 0) / weight
-                order.append((share, recent, -priority, pk, team_id, job_id))
+            at = time.time() if now is None else now
+            teams = _team_states(session, pool, at, half_life_s)
+            order = rank(Snapshot(teams, _candidates(session, pool), free_slots, frozenset(tried)))
             if not order:
                 return None
-            *_, team_id, job_id = min(order)
+            job_id, team_id = order[0].job_id, order[0].team_id
             tried.add(job_id)
-            # Serialise with the team's other claims, then check its quota again under the lock.
+            # Serialise with the team's other claims, then check its limits again under the lock.
             lock_team(session, team_id)
-            running = session.scalar(
-                select(func.count()).where(Job.team_id == team_id, Job.status == S.RUNNING.value)
-            )
-            if (running or 0) >= teams[team_id].max_running_jobs:
+            running, gpus = session.execute(
+                select(func.count(), func.coalesce(func.sum(Job.gpus), 0)).where(
+                    Job.team_id == team_id, Job.status == S.RUNNING.value
+                )
+            ).one()
+            now_team = replace(teams[team_id], running_jobs=running, gpus_running=gpus)
+            if limit_reason(now_team, order[0].gpus) is not None:
                 session.rollback()
                 continue
             # PostgreSQL: lock the job's row, skipping it if a racing claimer holds it (SQLite has
@@ -144,7 +155,6 @@ def claim_next_job(db: Database, pool: str, worker_id: str, lease_s: float) -> C
             if free is None:
                 session.rollback()
                 continue
-            now = time.time()
             won = rows_updated(
                 session,
                 update(Job)
@@ -153,8 +163,9 @@ def claim_next_job(db: Database, pool: str, worker_id: str, lease_s: float) -> C
                     status=S.RUNNING.value,
                     attempt=Job.attempt + 1,
                     worker_id=worker_id,
-                    lease_expires_at=now + lease_s,
-                    started_at=func.coalesce(Job.started_at, int(now)),
+                    lease_expires_at=at + lease_s,
+                    usage_accounted_at=at,
+                    started_at=func.coalesce(Job.started_at, int(at)),
                     cancel_requested=False,
                 ),
             )
@@ -172,16 +183,35 @@ def claim_next_job(db: Database, pool: str, worker_id: str, lease_s: float) -> C
             return Claim(job_id, job.attempt, pool)
 
 
+def account_usage(session: Session, job: Job, now: float, half_life_s: float) -> None:
+    """Add the GPU-seconds `job` (running) used since it was last counted to its team's usage in
+    its pool, decayed to `now`. Takes the team's lock (the usage row is created on first use)."""
+    since = job.usage_accounted_at
+    if since is None or now <= since:
+        return
+    lock_team(session, job.team_id)
+    usage = session.get(TeamUsage, (job.team_id, job.pool), with_for_update=True)
+    used = job.gpus * (now - since)
+    if usage is None:
+        session.add(TeamUsage(team_id=job.team_id, pool=job.pool, gpu_seconds=used, as_of=now))
+    else:
+        usage.gpu_seconds = add_usage(usage.gpu_seconds, usage.as_of, now, half_life_s, used)
+        usage.as_of = max(usage.as_of, now)
+    job.usage_accounted_at = now
+
+
 class Fence:
     """The writes of one run (one attempt of one job), each refused once the job has moved on."""
 
-    def __init__(self, db: Database, claim: Claim) -> None:
+    def __init__(self, db: Database, claim: Claim, half_life_s: float = DEFAULT_HALF_LIFE_S) -> None:
         self.db = db
         self.claim = claim
+        self.half_life_s = half_life_s
 
     @contextmanager
     def write(self) -> Iterator[tuple[Session, Job]]:
-        """A transaction that first checks (and locks) the job as still ours; commits at the end."""
+        """A transaction that first checks (and locks) the job as still ours and counts the GPU time
+        used since the last write; commits at the end."""
         with self.db.session() as session:
             # A no-op UPDATE: takes the row lock (PostgreSQL) or the write lock (SQLite) before
             # anything is read, and tells whether the job is still this attempt's.
@@ -201,6 +231,7 @@ class Fence:
                     f"job {self.claim.job_id} attempt {self.claim.attempt} is no longer running here"
                 )
             job = session.scalars(select(Job).where(Job.id == self.claim.job_id)).one()
+            account_usage(session, job, time.time(), self.half_life_s)
             yield session, job
             session.commit()
 

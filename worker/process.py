@@ -120,7 +120,9 @@ class WorkerProcess:
             if (full := storage_too_full(self.settings)) is not None:  # a job started now would fail
                 log.warning("not claiming jobs of pool %s: %s", pool, full)  # the reconciler re-sends
                 break
-            claim = claim_next_job(self.db, pool, self.id, self.settings.lease_s)
+            claim = claim_next_job(
+                self.db, pool, self.id, self.settings.lease_s, half_life_s=self.settings.fairshare_half_life_s
+            )
             if claim is None:
                 break
             self.current_job = claim.job_id

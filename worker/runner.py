@@ -75,7 +75,7 @@ class JobRun:
         self.settings = settings
         self.storage = Storage(settings.artifacts)
         self.claim = claim
-        self.fence = Fence(db, claim)
+        self.fence = Fence(db, claim, settings.fairshare_half_life_s)
         self.worker_id = worker_id
         self.dir = run_dir(self.storage, claim.job_id)
         self.output = self.dir / "output"

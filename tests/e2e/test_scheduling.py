@@ -4,7 +4,9 @@
 - a team's `max_running_jobs` holds with idle workers standing by;
 - workers racing over the same queue claim every job exactly once (real OS processes, no training);
 - the claim order itself: priority then age within a team, fewest running (per share weight)
-  team first, teams at their limit skipped.
+  team first, teams at their limit skipped;
+- fair share in GPU time: GPUs running count (not jobs), then decayed GPU-seconds (a half-life),
+  and `max_gpus` over all pools.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, update
 
 from service.jobs import set_status
-from service.models import Job, JobEvent, JobStatus, Worker
+from service.models import Job, JobEvent, JobStatus, Team, TeamUsage, Worker
 from service.teams import set_quota
 from tests.e2e.conftest import TERMINAL, System
 from tests.service.conftest import ROOT, TeamClient
-from worker.claim import claim_next_job
+from worker.claim import account_usage, claim_next_job
 
 ONE_STEP = {"max_steps": 1}
 STARTED = "Job started on worker %"
@@ -168,7 +171,7 @@ RACER = """
 import json, sys, time
 from service.db import Database
 from service.settings import load_settings
-from worker.claim import claim_next_job
+from worker.claim import account_usage, claim_next_job
 
 worker_id, start_at = sys.argv[1], float(sys.argv[2])
 db = Database(load_settings())
@@ -285,9 +288,27 @@ def test_claim_order_priority_age_fair_share_weights_and_limits(system: System) 
     assert all(r.attempt == 1 and r.worker_id and r.worker_id.startswith("test:") for r in claimed)
 
 
+HALF_LIFE = 86400.0
+
+
+def finish(system: System, job_id: str, at: float) -> None:
+    """The job ran until `at` (its GPU-seconds counted, as its last fenced write would) and ended."""
+    with system.stack.db.session() as session:
+        job = session.scalars(select(Job).where(Job.id == job_id)).one()
+        account_usage(session, job, at, HALF_LIFE)
+        set_status(session, job, JobStatus.SUCCEEDED)
+        session.commit()
+
+
+def set_gpus(system: System, job_ids: list[str], gpus: int) -> None:
+    with system.stack.db.session() as session:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(gpus=gpus))
+        session.commit()
+
+
 def test_one_worker_pool_teams_take_turns(system: System) -> None:
-    """On a one-GPU pool nothing else runs when the worker is free: ties go to the team that started
-    fewer jobs there lately, so a team with many queued jobs does not go first every time."""
+    """On a one-GPU pool nothing else runs when the worker is free: ties go to the team with less
+    GPU time used there lately, so a team with many queued jobs does not go first every time."""
     db = system.stack.db
     a, b = system.team(), system.team()
     quota(system, a, max_running_jobs=100)
@@ -296,13 +317,90 @@ def test_one_worker_pool_teams_take_turns(system: System) -> None:
     a1, a2, a3 = (system.submit(a, a_file, pool="one")["id"] for _ in range(3))
     b1, b2 = (system.submit(b, b_file, pool="one")["id"] for _ in range(2))
     order = []
+    clock = time.time()
     for _ in range(6):
-        got = claim_next_job(db, "one", "test:one", 600.0)
+        got = claim_next_job(db, "one", "test:one", 600.0, now=clock)
         if got is None:
             break
         order.append(got.job_id)
-        with db.session() as session:  # the one worker finishes it before claiming again
-            job = session.scalars(select(Job).where(Job.id == got.job_id)).one()
-            set_status(session, job, JobStatus.SUCCEEDED)
-            session.commit()
+        clock += 60.0  # each job runs a minute, then the one worker claims again
+        finish(system, got.job_id, clock)
     assert order == [a1, b1, a2, b2, a3]
+    with db.session() as session:
+        used = {
+            u.team_id: u.gpu_seconds
+            for u in session.scalars(select(TeamUsage).where(TeamUsage.pool == "one"))
+        }
+    assert 119.0 < used[b.team_id] < 120.0  # two one-GPU minutes, the first slightly decayed
+    assert 179.0 < used[a.team_id] < 180.0  # three
+
+
+def test_fair_share_counts_gpus_and_decayed_usage(system: System) -> None:
+    db = system.stack.db
+    system.stack.declare_pool("gpus")
+
+    def submit(team: TeamClient, n: int) -> list[str]:
+        file_id = system.new_file(team, n=4)
+        return [system.submit(team, file_id, pool="gpus")["id"] for _ in range(n)]
+
+    def claim(at: float, free: int = 8) -> str | None:
+        got = claim_next_job(db, "gpus", "test:gpus", 600.0, free_slots=free, half_life_s=HALF_LIFE, now=at)
+        return got.job_id if got else None
+
+    # Running one job each, a team on 2 GPUs is behind a team on 1: GPUs count, not jobs.
+    a, b = system.team(), system.team()
+    for t in (a, b):
+        quota(system, t, max_running_jobs=100)
+    (a1, a2), (b1, b2) = submit(a, 2), submit(b, 2)
+    set_gpus(system, [a1], 2)
+    now = time.time()
+    assert [claim(now), claim(now)] == [a1, b1]  # a is older; then (2 GPUs, 0): b
+    assert claim(now) == b2  # (2, 1): b again, though a2 is older
+    assert claim(now) == a2  # (2, 2)
+    # Usage: a running job's GPU-seconds count from its claim, K per second.
+    with db.session() as session:
+        job = session.scalars(select(Job).where(Job.id == a1)).one()
+        account_usage(session, job, now + 100.0, HALF_LIFE)
+        session.commit()
+        usage = session.get(TeamUsage, (a.team_id, "gpus"))
+        assert usage is not None and usage.gpu_seconds == pytest.approx(200.0)
+
+    # Two teams equal now (nothing running); one used more GPU time: the other goes first, and a
+    # half-life later its usage counts half.
+    c, d = system.team(), system.team()
+    (c1,), (d1,) = submit(c, 1), submit(d, 1)
+    with db.session() as session:
+        session.add(TeamUsage(team_id=c.team_id, pool="gpus", gpu_seconds=1000.0, as_of=now - HALF_LIFE))
+        session.add(TeamUsage(team_id=d.team_id, pool="gpus", gpu_seconds=600.0, as_of=now))
+        session.commit()
+    # c: 1000 a day ago = 500 now < d's 600 (without the decay d would go first)
+    assert claim(now) == c1
+    assert claim(now) == d1
+
+
+def test_max_gpus_counts_the_gpus_of_running_jobs_in_every_pool(system: System) -> None:
+    db = system.stack.db
+    system.stack.declare_pool("capped")
+    system.stack.declare_pool("capped-b")
+    capped, other = system.team(), system.team()
+    quota(system, capped, max_running_jobs=100, max_gpus=3)
+    quota(system, other, max_running_jobs=100)
+    capped_file, other_file = system.new_file(capped, n=4), system.new_file(other, n=4)
+    c1, c2 = (system.submit(capped, capped_file, pool="capped")["id"] for _ in range(2))
+    elsewhere = system.submit(capped, capped_file, pool="capped-b")["id"]
+    o1 = system.submit(other, other_file, pool="capped")["id"]
+    set_gpus(system, [c1, c2], 2)
+
+    def claim(pool: str) -> str | None:
+        got = claim_next_job(db, pool, f"test:{pool}", 600.0, free_slots=8)
+        return got.job_id if got else None
+
+    assert claim("capped") == c1  # 2 of 3
+    assert claim("capped") == o1
+    assert claim("capped") is None  # c2 would make 4 of 3
+    assert claim("capped-b") == elsewhere  # a 1-GPU job elsewhere fits: 3 of 3
+    quota(system, capped, max_gpus=-1)  # no limit
+    assert claim("capped") == c2
+    with db.session() as session:
+        team = session.get(Team, capped.team_id)
+        assert team is not None and team.max_gpus is None

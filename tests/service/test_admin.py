@@ -64,6 +64,7 @@ def test_create_team_returns_a_working_key_once(stack: Stack) -> None:
         "max_queued_jobs": stack.settings.default_max_queued_jobs,
         "max_storage_bytes": stack.settings.default_max_storage_bytes,
         "share_weight": 1.0,
+        "max_gpus": None,
     }
     assert body["usage"] == {"running_jobs": 0, "queued_jobs": 0, "stored_bytes": 0}
     key = body["api_key"]["key"]
@@ -166,13 +167,15 @@ def test_set_quota(stack: Stack) -> None:
     quota = changed.json()["quota"]
     assert quota["max_running_jobs"] == 5 and quota["max_storage_bytes"] == 10**12
     assert quota["max_queued_jobs"] == stack.settings.default_max_queued_jobs  # untouched
-    admin.patch(url, json={"max_queued_jobs": 0, "share_weight": 2.5})
+    admin.patch(url, json={"max_queued_jobs": 0, "share_weight": 2.5, "max_gpus": 16})
     assert team_named(admin, team.name)["quota"] == {
         "max_running_jobs": 5,
         "max_queued_jobs": 0,
         "max_storage_bytes": 10**12,
         "share_weight": 2.5,
+        "max_gpus": 16,
     }
+    assert admin.patch(url, json={"max_gpus": -1}).json()["quota"]["max_gpus"] is None  # no limit
     assert error_of(admin.patch("/v1/admin/teams/no-such-team/quota", json={"max_running_jobs": 1}), 404)
 
 
@@ -186,6 +189,8 @@ def test_set_quota(stack: Stack) -> None:
         ({"max_storage_bytes": 2**64}, "max_storage_bytes"),
         ({"share_weight": 0}, "share_weight"),
         ({"share_weight": -2}, "share_weight"),
+        ({"max_gpus": -2}, "max_gpus"),
+        ({"max_gpus": 2.5}, "max_gpus"),
         ({"max_runing_jobs": 1}, "max_runing_jobs"),
         ({}, None),
     ],

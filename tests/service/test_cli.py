@@ -103,8 +103,8 @@ def test_revoke_key(stack: Stack) -> None:
 def test_set_quota(stack: Stack) -> None:
     name, _key = new_team(stack)
     out = ok(stack.env, "admin", "set-quota", name, "--max-running-jobs", "3", "--max-queued-jobs", "7",
-             "--max-storage-bytes", "10GB", "--share-weight", "2.5")  # fmt: skip
-    assert "max_running_jobs=3" in out
+             "--max-storage-bytes", "10GB", "--share-weight", "2.5", "--max-gpus", "8")  # fmt: skip
+    assert "max_running_jobs=3" in out and "max_gpus=8" in out
     admin = stack.team(admin=True)
     listed = next(t for t in admin.get("/v1/admin/teams").json()["data"] if t["name"] == name)
     assert listed["quota"] == {
@@ -112,11 +112,15 @@ def test_set_quota(stack: Stack) -> None:
         "max_queued_jobs": 7,
         "max_storage_bytes": 10 * 1000**3,
         "share_weight": 2.5,
+        "max_gpus": 8,
     }
     ok(stack.env, "admin", "set-quota", name, "--max-storage-bytes", "2GiB")
     quota = team_listed(stack, name)["quota"]
     assert quota["max_storage_bytes"] == 2 * 1024**3
-    assert quota["max_running_jobs"] == 3  # only what was given changes
+    assert quota["max_running_jobs"] == 3 and quota["max_gpus"] == 8  # only what was given changes
+    assert "max_gpus=none" in ok(stack.env, "admin", "set-quota", name, "--max-gpus", "-1")
+    assert team_listed(stack, name)["quota"]["max_gpus"] is None
+    assert "max_gpus" in refused(stack.env, "admin", "set-quota", name, "--max-gpus", "-2")
 
     assert "at least one" in refused(stack.env, "admin", "set-quota", name, code=2)
     bad_size = refused(stack.env, "admin", "set-quota", name, "--max-storage-bytes", "lots", code=2)
