@@ -19,7 +19,7 @@ from service.db import lock_team
 from service.errors import APIError
 from service.hyperparameters import check_pool_capabilities, resolve_hyperparameters
 from service.jobs import add_event, set_status
-from service.models import Checkpoint, File, Job, JobStatus, RegisteredModel, Team
+from service.models import Checkpoint, File, Job, JobStatus, RegisteredModel, Team, Worker
 from service.pools import pool_exists, request_dispatch
 from service.schemas import Hyperparameters, JobCreate
 from service.settings import Settings
@@ -117,6 +117,21 @@ def _check_pool(session: Session, pool: str, named: bool) -> None:
         )
 
 
+def _check_gpus(session: Session, pool: str, gpus: int) -> None:
+    """A job's GPUs are all on one node: `gpus` may not exceed the slots of the pool's largest
+    worker in the registry (with no worker registered yet, any `gpus` waits for one)."""
+    if gpus == 1:
+        return
+    largest = session.scalar(select(func.max(Worker.slots)).where(Worker.pool == pool))
+    if largest is not None and gpus > largest:
+        raise APIError(
+            400,
+            f"gpus: {gpus} GPUs on one node, but the largest worker of pool {pool!r} has {largest} "
+            f"(a job's GPUs are all on one node)",
+            param="gpus",
+        )
+
+
 def create_job(
     session: Session,
     settings: Settings,
@@ -149,6 +164,7 @@ def create_job(
     loss, hp, hp_param = _method_and_hyperparameters(body)
     resolved = resolve_hyperparameters(hp, has_validation=body.validation_file is not None, param=hp_param)
     check_pool_capabilities(session, pool, resolved, hp_param)
+    _check_gpus(session, pool, body.gpus)
     method_type = "dft" if loss == "dft" else "supervised"
     waiting = session.scalar(
         select(func.count())
@@ -180,6 +196,7 @@ def create_job(
         user_metadata=body.metadata,
         pool=pool,
         priority=body.priority,
+        gpus=body.gpus,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         result_files=[],

@@ -133,6 +133,7 @@ _VIEW_COLUMNS = [
     "suffix",
     "pool",
     "priority",
+    "gpus",
     "attempt",
     "cancel_requested",
     "steps_completed",
@@ -204,6 +205,7 @@ def to_schema(job: Job | Any, *, position: int | None = None) -> JobSchema:
         user_provided_suffix=job.suffix,
         pool=job.pool,
         priority=job.priority,
+        gpus=job.gpus,
         attempt=job.attempt,
         cancel_requested=job.cancel_requested,
         progress=Progress(

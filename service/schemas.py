@@ -20,6 +20,7 @@ from pydantic import (
 
 Auto = Literal["auto"]
 POOL_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # pool names appear in queue names: pool.<name>
+MAX_JOB_GPUS = 64  # a job's gpus: all on one node, so a node's slots bound it long before this
 PoolName = Annotated[str, StringConstraints(pattern=POOL_PATTERN)]
 
 # Defaults that "auto" resolves to. The learning rate is the DFT paper's (5e-5) times the multiplier.
@@ -192,8 +193,15 @@ class JobCreate(BaseModel):
     integrations: list[Any] | None = None
     pool: PoolName | None = None
     priority: int = Field(0, ge=-100, le=100)
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=MAX_JOB_GPUS,
+        description="extension: GPUs of one node the job trains on (torchrun for more than one); at most "
+        "the slots of the pool's largest worker",
+    )
 
-    _numbers = field_validator("seed", "priority", mode="before")(not_a_boolean)
+    _numbers = field_validator("seed", "priority", "gpus", mode="before")(not_a_boolean)
 
     @field_validator("metadata")
     @classmethod
@@ -294,6 +302,7 @@ class Job(BaseModel):
     # tunepool extensions
     pool: str
     priority: int
+    gpus: int
     attempt: int
     cancel_requested: bool
     progress: Progress

@@ -95,6 +95,7 @@ def jobs_create(
     suffix: str | None = typer.Option(None, help="added to the fine-tuned model's name"),
     pool: str | None = typer.Option(None, help="the GPU pool to run on"),
     priority: int | None = typer.Option(None, help="-100..100, higher first within your team"),
+    gpus: int | None = typer.Option(None, help="GPUs of one node to train on (default 1)"),
     from_yaml: Path | None = FROM_YAML_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -125,7 +126,7 @@ def jobs_create(
             "chat_template": template,
             "lora": {"quantize": lora_quantize} if lora_quantize is not None else None,
         },
-        {"suffix": suffix, "pool": pool, "priority": priority},
+        {"suffix": suffix, "pool": pool, "priority": priority, "gpus": gpus},
     )
     job = Api().request("POST", "/v1/fine_tuning/jobs", json=body)
     if as_json:
@@ -184,6 +185,7 @@ def jobs_get(job_id: str, as_json: bool = JSON_OPTION) -> None:
             "queue_position": job.get("queue_position"),
             "pool": job["pool"],
             "priority": str(job["priority"]),
+            "gpus": str(job.get("gpus", 1)),
             "attempt": str(job["attempt"]),
             "trained_tokens": job["trained_tokens"],
             "created_at": when(job["created_at"]),

@@ -316,3 +316,34 @@ def test_broker_down_keeps_the_job_queued_and_readyz_says_so(stack: Stack, tmp_p
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
+
+
+def test_gpus_is_shown_and_bounded_by_the_pools_largest_worker(stack: Stack) -> None:
+    """`gpus` (extension): the GPUs of one node a job trains on; never more than a worker of its
+    pool owns, once one has registered."""
+    import time
+
+    from service.models import Worker
+
+    client = stack.team()
+    file_id = new_file(client)
+    pool = stack.declare_pool(f"gpus-{time.monotonic_ns()}")
+    assert new_job(stack, client, file_id, pool=pool)["gpus"] == 1
+    assert new_job(stack, client, file_id, pool=pool, gpus=16)["gpus"] == 16  # no worker yet: it waits
+    now = time.time()
+    with stack.db.session() as session:
+        for n, slots in enumerate((2, 4)):
+            session.add(
+                Worker(id=f"node{n}:{pool}", pool=pool, hostname=f"node{n}", gpu_name="cpu", slots=slots,
+                       started_at=now, last_heartbeat_at=now)
+            )  # fmt: skip
+        session.commit()
+    job = new_job(stack, client, file_id, pool=pool, gpus=4)
+    assert job["gpus"] == 4
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["gpus"] == 4
+    body = {"model": ensure_model(stack), "training_file": file_id, "pool": pool}
+    too_many = error(client.post("/v1/fine_tuning/jobs", json={**body, "gpus": 5}))
+    assert too_many["param"] == "gpus" and "largest worker" in too_many["message"], too_many
+    for bad in (0, -1, 65, True, 1.5, "two"):
+        refused = client.post("/v1/fine_tuning/jobs", json={**body, "gpus": bad})
+        assert refused.status_code == 400 and error(refused)["param"] == "gpus", (bad, refused.text)
