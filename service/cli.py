@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
-from service.schemas import POOL_PATTERN
+from service.schemas import MAX_JOB_GPUS, POOL_PATTERN
 from service.settings import Settings, SettingsError, load_settings
 from service.usercli import files_app, jobs_app, models_app
 
@@ -141,15 +141,40 @@ def api(
 @app.command()
 def worker(
     pool: str = typer.Option("default", help="the pool whose queue this worker serves"),
-    gpu: int | None = typer.Option(None, help="GPU index to bind to (CUDA_VISIBLE_DEVICES); none: CPU"),
+    gpus: str | None = typer.Option(
+        None, help="the node's GPU indices this worker owns, e.g. 0,1,2,3 (none: a CPU node)"
+    ),
+    gpu: int | None = typer.Option(None, help="one GPU index: the same as --gpus N"),
+    slots: int | None = typer.Option(None, help="CPU node: jobs' slots (default 1; a job takes its gpus)"),
 ) -> None:
-    """Run one training worker (Celery, concurrency 1) for one GPU of a pool."""
+    """Run one node's training worker: it owns the node's GPUs (or CPU slots) and runs the jobs
+    of a pool that fit them, several side by side."""
     from worker.process import run_worker  # the one CLI command that needs the worker package
 
     if not re.fullmatch(POOL_PATTERN, pool):
         fail(f"--pool: {pool!r} is not a pool name (lowercase letters, digits, '-', '_')", 2)
+    devices = parse_devices(gpus, gpu, slots)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(_settings(), pool, gpu)
+    run_worker(_settings(), pool, devices, slots or 1)
+
+
+def parse_devices(gpus: str | None, gpu: int | None, slots: int | None) -> list[int] | None:
+    """The GPU indices of `--gpus 0,1,...` or `--gpu N`; None for a CPU node (`--slots`)."""
+    if sum(x is not None for x in (gpus, gpu, slots)) > 1:
+        fail("give one of --gpus, --gpu and --slots", 2)
+    if slots is not None and not 1 <= slots <= MAX_JOB_GPUS:
+        fail(f"--slots: from 1 to {MAX_JOB_GPUS}", 2)
+    if gpu is not None:
+        gpus = str(gpu)
+    if gpus is None:
+        return None
+    try:
+        devices = [int(d) for d in gpus.split(",")]
+    except ValueError:
+        fail(f"--gpus: {gpus!r} is not a list of GPU indices like 0,1,2,3", 2)
+    if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        fail(f"--gpus: {gpus!r}: distinct GPU indices from 0, like 0,1,2,3", 2)
+    return devices
 
 
 @app.command()

@@ -240,6 +240,7 @@ class Worker(Base):
     gpu_name: Mapped[str] = mapped_column(String(128))  # or "cpu"
     gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # GPUs it owns (CPU: slots)
+    free_slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     current_job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     started_at: Mapped[float] = mapped_column(Float)
     last_heartbeat_at: Mapped[float] = mapped_column(Float)

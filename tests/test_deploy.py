@@ -114,18 +114,18 @@ def test_compose_settings_are_tunepool_settings(compose: dict[str, Any]) -> None
     assert str(settings.artifacts) == env["TUNEPOOL_STORAGE_DIR"]
 
 
-def test_worker_reserves_one_nvidia_gpu(compose: dict[str, Any]) -> None:
+def test_worker_owns_the_nvidia_gpus_it_reserves(compose: dict[str, Any]) -> None:
     worker = compose["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert len(devices) == 1
     (device,) = devices
     assert device["driver"] == "nvidia"
     assert "gpu" in device["capabilities"]
-    # exactly one GPU, by count or by id (Compose refuses both at once)
+    # one GPU by count or by id (Compose refuses both at once), and the worker owns exactly the
+    # GPUs the container sees: indices 0..count-1 whichever GPUs of the host they are
     assert (device.get("count") == 1) != (len(device.get("device_ids") or []) == 1)
-    # the container sees its one GPU as index 0, whichever GPU of the host it is
     command = command_of(worker)
-    assert command[command.index("--gpu") + 1] == "0"
+    assert command[command.index("--gpus") + 1] == "0"
 
 
 def test_api_and_workers_share_the_artifact_volume(compose: dict[str, Any]) -> None:

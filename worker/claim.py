@@ -51,6 +51,7 @@ class Claim:
     job_id: str
     attempt: int
     pool: str
+    gpus: int = 1  # slots of the claiming node it takes
 
 
 def _team_states(session: Session, pool: str, now: float, half_life_s: float) -> dict[str, TeamState]:
@@ -180,7 +181,7 @@ def claim_next_job(
                 data={"status": S.RUNNING.value, "from": S.QUEUED.value, "worker": worker_id},
             )
             session.commit()
-            return Claim(job_id, job.attempt, pool)
+            return Claim(job_id, job.attempt, pool, job.gpus)
 
 
 def account_usage(session: Session, job: Job, now: float, half_life_s: float) -> None:

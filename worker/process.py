@@ -1,10 +1,18 @@
-"""One worker process: `tunepool worker --pool NAME [--gpu INDEX]`.
+"""One worker process per node: `tunepool worker --pool NAME [--gpus 0,1,2,3 | --slots N]`.
 
-A Celery worker with concurrency 1 (the solo pool: the task runs in this process, the training in
-a child of it) bound to one GPU through CUDA_VISIBLE_DEVICES. Beside Celery, a maintenance thread
-keeps this worker's row in the `workers` registry fresh and runs the reconciler, and a delivery
-thread sends webhooks (apart, so that no receiver can delay a heartbeat). On shutdown
-(SIGTERM, Ctrl-C) a running job is stopped and handed back to the queue at once; it resumes from
+The worker owns its node's slots: GPUs (`--gpus`, `--gpu N` being `--gpus N`) or, on a CPU node,
+`--slots N` (default 1). It claims every job that fits its free slots and runs each in a thread of
+its own (`JobRun`: a training child, torchrun for a job on K > 1 slots) on its own subset of the
+GPUs (CUDA_VISIBLE_DEVICES), so a node runs several jobs side by side and a K-GPU job gets all K
+slots on this one node at once or none.
+
+Celery carries dispatch only (worker/celery_app.py): its one task claims what fits and returns,
+except when every slot is taken: then it waits for a slot to free and claims again, so that a full
+worker does not take the dispatch messages an idle worker of the pool should get. A job that ends
+while no task runs claims the next job itself. Beside Celery, a maintenance thread keeps this
+worker's row in the `workers` registry fresh (slots, free slots) and runs the reconciler, and a
+delivery thread sends webhooks (apart, so that no receiver can delay a heartbeat). On shutdown
+(SIGTERM, Ctrl-C) running jobs are stopped and handed back to the queue at once; each resumes from
 its last checkpoint wherever it is claimed next.
 """
 
@@ -26,7 +34,7 @@ from service.models import Worker
 from service.pools import declare_pool, mark_dispatch_taken, request_dispatch, wake_another_worker
 from service.settings import Settings
 from service.webhook_sender import DeliveryLoop
-from worker.claim import claim_next_job
+from worker.claim import Claim, claim_next_job
 from worker.reconciler import reconcile
 from worker.runner import JobRun
 
@@ -56,29 +64,42 @@ def gpu_info(index: int | None) -> tuple[str, int | None]:
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, pool: str, gpu: int | None) -> None:
+    def __init__(
+        self, settings: Settings, pool: str, devices: list[int] | None = None, slots: int = 1
+    ) -> None:
         self.settings = settings
         self.pool = pool
-        self.gpu = gpu
+        self.devices = devices  # GPU indices of the node; None: a CPU node of `slots` slots
+        self.slots = len(devices) if devices is not None else slots
         self.db = Database(settings)
-        self.id = f"{socket.gethostname()}:{pool}:{'cpu' if gpu is None else f'gpu{gpu}'}:{os.getpid()}"
-        self.current_job: str | None = None
+        where = "cpu" if devices is None else "gpu" + "-".join(str(d) for d in devices)
+        self.id = f"{socket.gethostname()}:{pool}:{where}:{os.getpid()}"
+        self.free: list[int] = list(devices) if devices is not None else list(range(slots))
+        self.running: dict[str, threading.Thread] = {}  # job id -> the thread running it
+        self.changed = threading.Condition()  # guards free and running; notified when a job ends
         self.stopping = threading.Event()
         self._last_reconcile = 0.0
 
+    @property
+    def current_job(self) -> str | None:
+        """One of the jobs running here (the registry's current_job_id), or None when idle."""
+        with self.changed:
+            return next(iter(self.running), None)
+
     def register(self) -> None:
-        name, memory = gpu_info(self.gpu)
+        name, memory = gpu_info(None if self.devices is None else self.devices[0])
         now = time.time()
         with self.db.session() as session:
             session.merge(
                 Worker(
                     id=self.id, pool=self.pool, hostname=socket.gethostname(), gpu_name=name,
-                    gpu_memory_bytes=memory, current_job_id=None, started_at=now, last_heartbeat_at=now,
+                    gpu_memory_bytes=memory, slots=self.slots, free_slots=len(self.free),
+                    current_job_id=self.current_job, started_at=now, last_heartbeat_at=now,
                 )
             )  # fmt: skip
             declare_pool(session, self.pool, "worker")  # jobs may name a pool a worker serves
             session.commit()
-        log.info("worker %s registered (pool %s, %s)", self.id, self.pool, name)
+        log.info("worker %s registered (pool %s, %s, %d slots)", self.id, self.pool, name, self.slots)
 
     def unregister(self) -> None:
         with self.db.session() as session:
@@ -94,7 +115,9 @@ class WorkerProcess:
                 self.register()
                 return
             worker.last_heartbeat_at = time.time()
-            worker.current_job_id = self.current_job
+            with self.changed:
+                worker.current_job_id = next(iter(self.running), None)
+                worker.free_slots = len(self.free)
             session.commit()
 
     def maintain(self) -> None:
@@ -110,33 +133,103 @@ class WorkerProcess:
             self.stopping.wait(min(self.settings.heartbeat_s, self.settings.reconcile_every_s))
 
     def drain(self, pool: str) -> int:
-        """Claim and run jobs of `pool` until none is left for us (or we are stopping)."""
-        ran = 0
+        """The dispatch task: claim and start the jobs of `pool` that fit the free slots; while every
+        slot is taken, wait for one to free and claim again. Returns how many it started."""
+        started = 0
         with self.db.session() as session:
             mark_dispatch_taken(session, pool)  # from now on a new job sends a new message
+        passed_on = False
+        while not self.stopping.is_set():
+            started += self.fill(pool)
+            with self.changed:
+                if self.free or self.stopping.is_set():
+                    break  # nothing more fits now: a job that ends claims again (fill)
+            if not started and not passed_on:  # full when the message came: it is another's
+                passed_on = self.pass_on(pool)
+            with self.changed:
+                if not self.free:
+                    self.changed.wait(1.0)
+        if self.stopping.is_set():
+            self.join_jobs()
+        return started
+
+    def pass_on(self, pool: str) -> bool:
+        """This worker is full: if another live worker of the pool has a free slot, send the pool a
+        dispatch message again so that it gets one (this task keeps the message it took). Whether
+        one was sent."""
+        alive = time.time() - self.settings.lease_s
+        with self.db.session() as session:
+            other = session.scalar(
+                select(Worker.id)
+                .where(
+                    Worker.pool == pool, Worker.id != self.id, Worker.free_slots > 0,
+                    Worker.last_heartbeat_at > alive,
+                )
+                .limit(1)
+            )  # fmt: skip
+            if other is None:
+                return False
+            wake_another_worker(session, self.settings, pool)
+        return True
+
+    def fill(self, pool: str) -> int:
+        """Claim jobs of `pool` into the free slots until none fits; start each; how many."""
+        started = 0
         while not self.stopping.is_set():
             from worker.artifacts import storage_too_full
 
             if (full := storage_too_full(self.settings)) is not None:  # a job started now would fail
                 log.warning("not claiming jobs of pool %s: %s", pool, full)  # the reconciler re-sends
                 break
-            claim = claim_next_job(
-                self.db, pool, self.id, self.settings.lease_s, half_life_s=self.settings.fairshare_half_life_s
-            )
-            if claim is None:
-                break
-            self.current_job = claim.job_id
+            with self.changed:  # one claim at a time in this process: slots are handed out here
+                if not self.free:
+                    break
+                claim = claim_next_job(
+                    self.db, pool, self.id, self.settings.lease_s,
+                    free_slots=len(self.free), half_life_s=self.settings.fairshare_half_life_s,
+                )  # fmt: skip
+                if claim is None:
+                    break
+                slots, self.free = self.free[: claim.gpus], self.free[claim.gpus :]
+                thread = threading.Thread(
+                    target=self._run, args=(claim, slots), name=f"tunepool-{claim.job_id}", daemon=True
+                )
+                self.running[claim.job_id] = thread
+            thread.start()
+            started += 1
             with self.db.session() as session:
                 wake_another_worker(session, self.settings, pool)  # for the jobs still queued there
-            try:
-                JobRun(self.db, self.settings, claim, self.id, abort=self.stopping.is_set, gpu=self.gpu).run()
-            finally:
-                self.current_job = None
-            ran += 1
+        return started
+
+    def _run(self, claim: Claim, slots: list[int]) -> None:
+        devices = slots if self.devices is not None else None
+        try:
+            JobRun(self.db, self.settings, claim, self.id, abort=self.stopping.is_set, devices=devices).run()
+        except Exception:
+            log.exception("job %s: the run failed in the worker", claim.job_id)
+        finally:
+            with self.changed:
+                self.running.pop(claim.job_id, None)
+                self.free = sorted(self.free + slots)
+                self.changed.notify_all()
         if self.stopping.is_set():
             with self.db.session() as session:  # another worker takes over what was handed back
-                request_dispatch(session, self.settings, pool)
-        return ran
+                request_dispatch(session, self.settings, claim.pool)
+            return
+        try:
+            self.fill(claim.pool)  # the freed slots take the next jobs, whether or not a task runs
+        except Exception:  # the database may be restarting: the reconciler re-sends dispatch
+            log.exception("claiming after job %s failed", claim.job_id)
+
+    def join_jobs(self) -> None:
+        """Wait for every running job to end (on shutdown: each hands its job back)."""
+        while True:
+            with self.changed:
+                threads = list(self.running.values())
+            if not threads:
+                return
+            for thread in threads:
+                thread.join()
 
     def run_celery(self) -> None:
         from celery.signals import worker_shutting_down
@@ -152,12 +245,10 @@ class WorkerProcess:
         )  # fmt: skip
 
 
-def run_worker(settings: Settings, pool: str, gpu: int | None) -> None:
+def run_worker(settings: Settings, pool: str, devices: list[int] | None = None, slots: int = 1) -> None:
     global _current
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # inherited by the training child
-    worker = _current = WorkerProcess(settings, pool, gpu)
-    if gpu is not None and settings.job_memory_limit_bytes:
+    worker = _current = WorkerProcess(settings, pool, devices, slots)
+    if devices is not None and settings.job_memory_limit_bytes:
         log.warning(
             "TUNEPOOL_JOB_MEMORY_LIMIT_BYTES is set but ignored on this GPU worker: RLIMIT_AS caps "
             "address space, which CUDA reserves far beyond what it uses; it applies to CPU workers only"
@@ -176,6 +267,7 @@ def run_worker(settings: Settings, pool: str, gpu: int | None) -> None:
         worker.run_celery()
     finally:
         worker.stopping.set()
+        worker.join_jobs()  # each running job is handed back to the queue first
         for thread in threads:
             thread.join(5)
         worker.unregister()

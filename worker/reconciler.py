@@ -99,7 +99,7 @@ def redispatch_waiting(db: Database, settings: Settings, now: float | None = Non
         idle = dict(
             session.execute(
                 select(Worker.pool, func.count())
-                .where(Worker.last_heartbeat_at > now - settings.lease_s, Worker.current_job_id.is_(None))
+                .where(Worker.last_heartbeat_at > now - settings.lease_s, Worker.free_slots > 0)
                 .group_by(Worker.pool)
             ).all()
         )

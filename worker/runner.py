@@ -67,10 +67,10 @@ class JobRun:
         claim: Claim,
         worker_id: str,
         abort: Callable[[], bool] = lambda: False,
-        gpu: int | None = None,
+        devices: list[int] | None = None,
     ) -> None:
         self.db = db
-        self.gpu = gpu  # the worker's --gpu (CUDA_VISIBLE_DEVICES), None on a CPU worker
+        self.devices = devices  # this job's GPUs of the node (CUDA_VISIBLE_DEVICES); None on a CPU worker
         self.abort = abort  # true when this worker is shutting down: hand the job back
         self.settings = settings
         self.storage = Storage(settings.artifacts)
@@ -132,7 +132,9 @@ class JobRun:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
         # RLIMIT_AS caps address space, which CUDA reserves far beyond what it uses: CPU workers only.
-        limit = self.settings.job_memory_limit_bytes if self.gpu is None else 0
+        limit = self.settings.job_memory_limit_bytes if self.devices is None else 0
+        if self.devices is not None:  # the job's own GPUs; a node runs several jobs side by side
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self.devices)
 
         def in_child() -> None:  # runs in the child between fork and exec: system calls only
             # Die with this worker: a trainer orphaned by a crashed worker would go on writing the

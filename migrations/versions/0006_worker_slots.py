@@ -1,4 +1,4 @@
-"""workers.slots: the GPUs (CPU slots) a node's worker owns, against which a job's gpus is checked
+"""workers.slots and free_slots: the GPUs (CPU slots) a node's worker owns and has free
 
 Revision ID: 0006
 Revises: 0005
@@ -21,8 +21,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.add_column(sa.Column("slots", sa.Integer(), server_default="1", nullable=False))
+        batch_op.add_column(sa.Column("free_slots", sa.Integer(), server_default="1", nullable=False))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("workers", schema=None) as batch_op:
+        batch_op.drop_column("free_slots")
         batch_op.drop_column("slots")

@@ -52,12 +52,13 @@ class System:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start_worker(
-        self, pool: str = "default", env: dict[str, str] | None = None
+        self, pool: str = "default", env: dict[str, str] | None = None, slots: int = 1
     ) -> subprocess.Popen[bytes]:
+        """A CPU node's worker owning `slots` slots (a job on K GPUs takes K of them)."""
         n = len(self.workers)
         log = (self.home / f"worker-{n}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--pool", pool],
+            [sys.executable, "-m", "service.cli", "worker", "--pool", pool, "--slots", str(slots)],
             cwd=ROOT,
             env={**self.stack.env, **(env or {})},
             stdout=log,
