@@ -9,6 +9,7 @@ lost worker only make sure some worker looks at the pool again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -21,7 +22,10 @@ from service.settings import Settings
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
 
-def make_celery(settings: Settings) -> Celery:
+def make_celery(settings: Settings, drain: Callable[[str], int] | None = None) -> Celery:
+    """The app; `drain(pool)` is what the dispatch task runs (the worker's own, given by
+    worker/process.py: this module imports nothing of the worker). Without it, the app can send
+    dispatch messages but its task refuses to run."""
     app = Celery("tunepool", broker=settings.broker_url, set_as_current=True)
     options: dict[str, Any] = {}
     if not settings.broker_url.startswith("sqla+"):  # the SQLite transport hands these to create_engine
@@ -47,8 +51,8 @@ def make_celery(settings: Settings) -> Celery:
     @app.task(name=DISPATCH_TASK, ignore_result=True)
     def dispatch(pool: str, sent_at: float | None = None) -> int:
         """Claim and run the pool's jobs until none is left for this worker; how many ran."""
-        from worker.process import current_worker
-
-        return current_worker().drain(pool)
+        if drain is None:
+            raise RuntimeError("no tunepool worker in this process (start one with `tunepool worker`)")
+        return drain(pool)
 
     return app

@@ -34,18 +34,12 @@ from service.models import Worker
 from service.pools import declare_pool, mark_dispatch_taken, request_dispatch, wake_another_worker
 from service.settings import Settings
 from service.webhook_sender import DeliveryLoop
+from worker.celery_app import make_celery
 from worker.claim import Claim, claim_next_job
 from worker.reconciler import reconcile
 from worker.runner import JobRun
 
 log = logging.getLogger("tunepool.worker")
-_current: WorkerProcess | None = None
-
-
-def current_worker() -> WorkerProcess:
-    if _current is None:
-        raise RuntimeError("no tunepool worker in this process (start one with `tunepool worker`)")
-    return _current
 
 
 def gpu_info(index: int | None) -> tuple[str, int | None]:
@@ -234,9 +228,7 @@ class WorkerProcess:
     def run_celery(self) -> None:
         from celery.signals import worker_shutting_down
 
-        from worker.celery_app import make_celery
-
-        app = make_celery(self.settings)
+        app = make_celery(self.settings, self.drain)
         worker_shutting_down.connect(lambda **_: self.stopping.set(), weak=False)
         name = f"{self.id.replace(':', '-')}@{socket.gethostname()}"
         app.worker_main(
@@ -246,8 +238,7 @@ class WorkerProcess:
 
 
 def run_worker(settings: Settings, pool: str, devices: list[int] | None = None, slots: int = 1) -> None:
-    global _current
-    worker = _current = WorkerProcess(settings, pool, devices, slots)
+    worker = WorkerProcess(settings, pool, devices, slots)
     if devices is not None and settings.job_memory_limit_bytes:
         log.warning(
             "TUNEPOOL_JOB_MEMORY_LIMIT_BYTES is set but ignored on this GPU worker: RLIMIT_AS caps "
