@@ -332,6 +332,40 @@ def list_teams_cmd(as_json: bool = JSON_OPTION) -> None:
     teams_table(teams)
 
 
+@admin.command("list-workers")
+def list_workers_cmd(as_json: bool = JSON_OPTION) -> None:
+    """List the registered workers (one per node): pool, GPU model, slots and free slots, a job
+    running there, and how long ago each last sent a heartbeat."""
+    import time
+
+    from sqlalchemy import select
+
+    from service.models import Worker
+
+    with admin_session() as (settings, session):
+        now = time.time()
+        workers = [
+            {
+                "id": w.id,
+                "pool": w.pool,
+                "hostname": w.hostname,
+                "gpu_name": w.gpu_name,
+                "gpu_memory_bytes": w.gpu_memory_bytes,
+                "slots": w.slots,
+                "free_slots": w.free_slots,
+                "a_running_job": w.current_job_id,
+                "heartbeat_age_s": round(now - w.last_heartbeat_at, 1),
+                "alive": now - w.last_heartbeat_at < settings.lease_s,
+            }
+            for w in session.scalars(select(Worker).order_by(Worker.pool, Worker.id))
+        ]
+    if as_json:
+        return _print_json(workers)
+    from service.cli_tables import workers_table
+
+    workers_table(workers)
+
+
 @admin.command("add-model")
 def add_model_cmd(
     name: str = typer.Argument(help="what a job's `model` will name"),

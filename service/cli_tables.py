@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -44,6 +45,15 @@ def teams_table(teams: list[TeamObject]) -> None:
             f"{q.share_weight:g}",
             when(t.created_at),
         )
+    _show(table)
+
+
+def workers_table(workers: list[dict[str, Any]]) -> None:
+    table = Table("worker", "pool", "GPU", "slots free", "a running job", "heartbeat", title="workers")
+    for w in workers:
+        beat = f"{w['heartbeat_age_s']:g} s ago" + ("" if w["alive"] else " (lost)")
+        free = f"{w['free_slots']}/{w['slots']}"
+        table.add_row(w["id"], w["pool"], w["gpu_name"], free, w["a_running_job"] or "", beat)
     _show(table)
 
 

@@ -223,3 +223,34 @@ def test_pools(stack: Stack) -> None:
     assert "name: 1 to 64" in refused(stack.env, "admin", "add-pool", "Not A Pool")
     ok(stack.env, "admin", "remove-pool", pool)
     assert f"no pool named {pool!r}" in refused(stack.env, "admin", "remove-pool", pool)
+
+
+def test_list_workers_shows_slots_free_slots_and_gpu(stack: Stack) -> None:
+    import time
+
+    from service.models import Worker
+
+    now = time.time()
+    pool = f"nodes-{secrets.token_hex(3)}"
+    with stack.db.session() as session:
+        session.add(
+            Worker(id=f"node-a:{pool}", pool=pool, hostname="node-a", gpu_name="NVIDIA H200", slots=8,
+                   free_slots=3, current_job_id="ftjob-x", started_at=now, last_heartbeat_at=now - 2)
+        )  # fmt: skip
+        session.add(
+            Worker(id=f"node-b:{pool}", pool=pool, hostname="node-b", gpu_name="cpu", slots=2,
+                   free_slots=2, started_at=now, last_heartbeat_at=now - 3600)
+        )  # fmt: skip
+        session.commit()
+    listed = {w["id"]: w for w in json.loads(ok(stack.env, "admin", "list-workers", "--json"))}
+    a, b = listed[f"node-a:{pool}"], listed[f"node-b:{pool}"]
+    assert (a["gpu_name"], a["slots"], a["free_slots"], a["a_running_job"], a["alive"]) == (
+        "NVIDIA H200",
+        8,
+        3,
+        "ftjob-x",
+        True,
+    )
+    assert (b["slots"], b["free_slots"], b["alive"]) == (2, 2, False) and b["heartbeat_age_s"] >= 3600
+    table = ok(stack.env, "admin", "list-workers")
+    assert "3/8" in table and "(lost)" in table
