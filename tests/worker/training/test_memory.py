@@ -60,7 +60,13 @@ def write_config(tmp_path: Path, name: str, model: Path) -> Path:
 
 def limited(config: Path, budget: int) -> subprocess.CompletedProcess[str]:
     # One thread and one malloc arena: the address space grows with tensors, not with thread pools.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    # Every block of 64 KiB or more mapped on its own and unmapped when freed: glibc's heap would
+    # otherwise keep freed activations in its address space by amounts that depend on allocation
+    # order (it once made a run that fits 4 sequences fail at 1 in CI).
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "tests.worker.training.limit_runner", str(config), "--budget", str(budget)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -103,7 +109,10 @@ def test_sharded_out_of_memory_restarts_with_a_smaller_micro_batch(tmp_path: Pat
     free = limited(write_config(tmp_path, "free", model), 1 << 40)
     assert free.returncode == 0, free.stderr[-3000:]
     config = write_config(tmp_path, "sharded", model)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }  # fmt: skip
     budget = 260 << 20  # 8 sequences per rank do not fit, 4 do
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
