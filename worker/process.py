@@ -109,8 +109,8 @@ class WorkerProcess:
                 self.register()
                 return
             worker.last_heartbeat_at = time.time()
-            with self.changed:
-                worker.current_job_id = next(iter(self.running), None)
+            with self.changed:  # one consistent view of the slots (the lock is re-entrant)
+                worker.current_job_id = self.current_job
                 worker.free_slots = len(self.free)
             session.commit()
 
