@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from service.models import ApiKey, Pool, RegisteredModel, Team
 from service.teams import MAX_JOBS, MAX_SHARE_WEIGHT, MAX_STORAGE_BYTES, TeamUsage
@@ -50,6 +50,15 @@ class QuotaUpdate(BaseModel):
         None,
         description=f"GPUs the team's running jobs may hold over all pools, 0 to {MAX_JOBS}; -1: no limit",
     )
+    guaranteed_gpus: StrictInt | None = Field(
+        None,
+        description="GPUs guaranteed to the team in `pool` (0 removes the guarantee): below it its jobs go "
+        "first there and reclaim GPUs from teams above their own guarantee by preemption",
+    )
+    pool: str = Field("default", description="the pool `guaranteed_gpus` is for")
+    may_exempt_preemption: StrictBool | None = Field(
+        None, description="whether the team's jobs may ask `preemptible: false`"
+    )
 
 
 class ModelCreate(BaseModel):
@@ -84,6 +93,8 @@ class Quota(BaseModel):
     max_storage_bytes: int
     share_weight: float
     max_gpus: int | None = Field(description="GPUs running at once over all pools; null: no limit")
+    guaranteed_gpus: dict[str, int] = Field(default_factory=dict, description="pool -> GPUs guaranteed there")
+    may_exempt_preemption: bool = False
 
 
 class Usage(BaseModel):
@@ -183,20 +194,22 @@ def team_object(usage: TeamUsage) -> TeamObject:
         id=team.id,
         name=team.name,
         created_at=team.created_at,
-        quota=quota_of(team),
+        quota=quota_of(team, usage.guaranteed_gpus),
         usage=Usage(
             running_jobs=usage.running_jobs, queued_jobs=usage.queued_jobs, stored_bytes=usage.stored_bytes
         ),
     )
 
 
-def quota_of(team: Team) -> Quota:
+def quota_of(team: Team, guaranteed_gpus: dict[str, int] | None = None) -> Quota:
     return Quota(
         max_running_jobs=team.max_running_jobs,
         max_queued_jobs=team.max_queued_jobs,
         max_storage_bytes=team.max_storage_bytes,
         share_weight=team.share_weight,
         max_gpus=team.max_gpus,
+        guaranteed_gpus=dict(guaranteed_gpus or {}),
+        may_exempt_preemption=team.may_exempt_preemption,
     )
 
 

@@ -285,15 +285,27 @@ def set_quota_cmd(
     max_gpus: int | None = typer.Option(
         None, help="GPUs its running jobs may hold over all pools (-1: no limit)"
     ),
+    guaranteed_gpus: int | None = typer.Option(
+        None, help="GPUs guaranteed to it in --pool (0: none); below it, it reclaims GPUs by preemption"
+    ),
+    pool: str = typer.Option("default", help="the pool --guaranteed-gpus is for"),
+    may_exempt_preemption: bool | None = typer.Option(
+        None,
+        "--may-exempt-preemption/--may-not-exempt-preemption",
+        help="whether its jobs may ask preemptible: false",
+    ),
 ) -> None:
     """Change TEAM's quotas: only the options given change."""
     from service.teams import AdminError, parse_size, set_quota
 
-    given = (max_running_jobs, max_queued_jobs, max_storage_bytes, share_weight, max_gpus)
+    given = (
+        max_running_jobs, max_queued_jobs, max_storage_bytes, share_weight, max_gpus, guaranteed_gpus,
+        may_exempt_preemption,
+    )  # fmt: skip
     if all(v is None for v in given):
         fail(
             "give at least one of --max-running-jobs, --max-queued-jobs, --max-storage-bytes, "
-            "--share-weight, --max-gpus",
+            "--share-weight, --max-gpus, --guaranteed-gpus, --may-exempt-preemption",
             2,
         )
     try:
@@ -309,11 +321,19 @@ def set_quota_cmd(
             max_storage_bytes=storage,
             share_weight=share_weight,
             max_gpus=max_gpus,
+            guaranteed_gpus=guaranteed_gpus,
+            pool=pool,
+            may_exempt_preemption=may_exempt_preemption,
         )
+        from service.models import TeamQuota
+
+        quota = session.get(TeamQuota, (t.id, pool))
     typer.echo(
         f"team {t.name}: max_running_jobs={t.max_running_jobs} max_queued_jobs={t.max_queued_jobs} "
         f"max_storage_bytes={t.max_storage_bytes} share_weight={t.share_weight:g} "
-        f"max_gpus={'none' if t.max_gpus is None else t.max_gpus}"
+        f"max_gpus={'none' if t.max_gpus is None else t.max_gpus} "
+        f"guaranteed_gpus[{pool}]={quota.guaranteed_gpus if quota else 0} "
+        f"may_exempt_preemption={str(t.may_exempt_preemption).lower()}"
     )
 
 

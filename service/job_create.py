@@ -165,6 +165,14 @@ def create_job(
     resolved = resolve_hyperparameters(hp, has_validation=body.validation_file is not None, param=hp_param)
     check_pool_capabilities(session, pool, resolved, hp_param)
     _check_gpus(session, pool, body.gpus)
+    exempt_allowed = session.scalar(select(Team.may_exempt_preemption).where(Team.id == team.id))
+    if not body.preemptible and not exempt_allowed:
+        raise APIError(
+            400,
+            "preemptible: your team may not exempt jobs from preemption (an admin allows it with "
+            "`tunepool admin set-quota TEAM --may-exempt-preemption`)",
+            param="preemptible",
+        )
     method_type = "dft" if loss == "dft" else "supervised"
     waiting = session.scalar(
         select(func.count())
@@ -197,6 +205,7 @@ def create_job(
         pool=pool,
         priority=body.priority,
         gpus=body.gpus,
+        preemptible=body.preemptible,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         result_files=[],

@@ -1,16 +1,19 @@
 """The job lifecycle: one `set_status` for every transition, events, and the job object.
 
     validating_files -> queued -> running -> succeeded
-          |               |          |----> failed
-          v               v          |----> cancelled
-        failed        cancelled      '----> queued   (lease lost, worker shut down, storage full or
-                                                      read-only: worker/job_end.py; attempt + 1)
+          |               |   ^      |----> failed
+          v               v   |      |----> cancelled
+        failed        cancelled      |----> queued   (lease lost, worker shut down, storage full or
+                          ^   |      |                read-only, preempted: worker/job_end.py)
+                          |   v      '----> paused   (paused after a checkpoint of its step)
+                          paused <-- queued          (held; resume: paused -> queued)
 
 Every transition goes through `set_status`, which rejects illegal moves and writes an event.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, case, func, select
@@ -24,8 +27,9 @@ from service.webhooks import enqueue_job_event
 S = JobStatus
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.VALIDATING_FILES: frozenset({S.QUEUED, S.FAILED, S.CANCELLED}),
-    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED}),
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED, S.PAUSED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED, S.PAUSED}),
+    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
@@ -67,6 +71,10 @@ def set_status(
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(job, new)
     job.status = new.value
+    if new == S.QUEUED:
+        job.queued_at = time.time()  # the wait that preemption counts starts again
+    else:
+        job.queue_reason = None
     if new.is_terminal:
         job.finished_at = now_s()
         job.lease_expires_at = None
@@ -136,6 +144,10 @@ _VIEW_COLUMNS = [
     "gpus",
     "attempt",
     "cancel_requested",
+    "stop_request",
+    "preemptible",
+    "preemptions",
+    "queue_reason",
     "steps_completed",
     "total_steps",
     "tokens_per_sec",
@@ -208,6 +220,9 @@ def to_schema(job: Job | Any, *, position: int | None = None) -> JobSchema:
         gpus=job.gpus,
         attempt=job.attempt,
         cancel_requested=job.cancel_requested,
+        pause_requested=job.stop_request == "pause",
+        preemptible=job.preemptible,
+        preemptions=job.preemptions,
         progress=Progress(
             steps_completed=job.steps_completed,
             total_steps=job.total_steps,
@@ -215,11 +230,42 @@ def to_schema(job: Job | Any, *, position: int | None = None) -> JobSchema:
             tokens_per_sec=job.tokens_per_sec,
         ),
         queue_position=position,
+        queue_reason=job.queue_reason if job.status == S.QUEUED.value else None,
     )
 
 
+def request_pause(session: Session, job: Job) -> None:
+    """Queued: held at once (paused). Running: asked to checkpoint its step and stop; the worker makes
+    it `paused` and frees its GPUs. Raises IllegalTransition for an ended job or one being cancelled."""
+    status = JobStatus(job.status)
+    if status.is_terminal or job.cancel_requested or status == S.VALIDATING_FILES:
+        raise IllegalTransition(job, S.PAUSED)
+    if status == S.QUEUED:
+        set_status(session, job, S.PAUSED, "Job paused: held out of the queue until resumed")
+    elif status == S.RUNNING and job.stop_request != "pause":
+        job.stop_request, job.stop_reason = "pause", "paused on request"
+        add_event(session, job, "Pause requested: the job checkpoints its current step, then frees its GPUs")
+    session.commit()
+
+
+def request_resume(session: Session, job: Job) -> None:
+    """Paused: back in the queue (it resumes from its checkpoint). Running with a pause not yet done:
+    the pause is withdrawn. Raises IllegalTransition for any other job."""
+    status = JobStatus(job.status)
+    if status == S.PAUSED:
+        set_status(session, job, S.QUEUED, "Job resumed: back in the queue, it continues from its checkpoint")
+        job.dispatched_at = None
+    elif status == S.RUNNING and job.stop_request == "pause":
+        job.stop_request = job.stop_reason = None
+        add_event(session, job, "Pause withdrawn: the job goes on")
+    else:
+        raise IllegalTransition(job, S.QUEUED)
+    session.commit()
+
+
 def request_cancel(session: Session, job: Job) -> None:
-    """Queued (or validating): cancelled at once. Running: flagged; the worker stops at the next step."""
+    """Queued, paused (or validating): cancelled at once. Running: flagged; the worker stops at the next
+    step."""
     status = JobStatus(job.status)
     if status.is_terminal:
         raise IllegalTransition(job, S.CANCELLED)

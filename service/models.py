@@ -28,6 +28,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -63,6 +65,7 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # held by its team: out of the queue, its slots free, resumed on request
 
     @property
     def is_terminal(self) -> bool:
@@ -79,6 +82,8 @@ class Team(Base):
     max_storage_bytes: Mapped[int] = mapped_column(BigInteger)
     share_weight: Mapped[float] = mapped_column(Float, default=1.0)
     max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)  # over all pools; None: no limit
+    # Whether the team's jobs may set `preemptible: false` (an admin setting).
+    may_exempt_preemption: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
 
 
@@ -91,6 +96,17 @@ class TeamUsage(Base):
     pool: Mapped[str] = mapped_column(String(64), primary_key=True)
     gpu_seconds: Mapped[float] = mapped_column(Float)
     as_of: Mapped[float] = mapped_column(Float)
+
+
+class TeamQuota(Base):
+    """A team's guaranteed GPUs in one pool: below it, its jobs go first and may reclaim GPUs that
+    teams above their own guarantee borrowed (worker/scheduling.py)."""
+
+    __tablename__ = "team_quotas"
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    guaranteed_gpus: Mapped[int] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -140,6 +156,7 @@ class Job(Base):
     __table_args__ = (
         Index(None, "team_id", "pk"),  # list, newest first
         Index(None, "pool", "status", "priority", "pk"),  # claim order
+        Index(None, "team_id", "pool", "status", "priority", "pk"),  # a team's first queued job (claim)
         Index(None, "status", "lease_expires_at"),  # reconciler: expired leases
         UniqueConstraint("team_id", "idempotency_key"),
     )
@@ -170,6 +187,17 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A stop that keeps the job: "pause" (-> paused) or "preempt" (-> queued), each after a checkpoint
+    # at the end of the current step; `stop_reason` is the event's text. A cancel wins over both.
+    stop_request: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    stop_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    queued_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it last joined the queue
+    attempt_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # this attempt's claim
+    queue_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)  # why it waits (queued)
+    # Queued: the worker whose jobs it preempted; the slots they free are its own (cleared at claim).
+    reserved_worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # While running: the time up to which its GPU-seconds are in its team's usage (team_usage).
     usage_accounted_at: Mapped[float | None] = mapped_column(Float, nullable=True)

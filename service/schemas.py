@@ -200,6 +200,11 @@ class JobCreate(BaseModel):
         description="extension: GPUs of one node the job trains on (torchrun for more than one); at most "
         "the slots of the pool's largest worker",
     )
+    preemptible: bool = Field(
+        True,
+        description="extension: false exempts the job from preemption (fair share, guarantees, its team's "
+        "higher-priority jobs), where the team's admin settings allow it",
+    )
 
     _numbers = field_validator("seed", "priority", "gpus", mode="before")(not_a_boolean)
 
@@ -305,8 +310,12 @@ class Job(BaseModel):
     gpus: int
     attempt: int
     cancel_requested: bool
+    pause_requested: bool = False  # running, asked to pause: it checkpoints its step, then `paused`
+    preemptible: bool = True
+    preemptions: int = 0  # times it made way for another job (each resumed from its checkpoint)
     progress: Progress
     queue_position: int | None = None
+    queue_reason: str | None = None  # queued: why it waits (worker/scheduling.py)
 
 
 class JobList(BaseModel):

@@ -87,6 +87,15 @@ class Settings(BaseSettings):
     # Fair share (worker/scheduling.py): a team's GPU-seconds used in a pool count half after this
     # long, a quarter after twice as long..., when teams equally served now are ordered.
     fairshare_half_life_s: float = Field(86400.0, gt=0)
+    # Preemption (worker/scheduling.py `preemptions`): a team below its weighted share whose job has
+    # waited preempt_after_s reclaims GPUs from the team furthest above its share (fairshare_preempt;
+    # a team below its guaranteed_gpus reclaims whatever it does); no job is preempted before it has
+    # run preempt_min_runtime_s. A preempted or paused job checkpoints its current step first, and
+    # is killed if that takes longer than stop_grace_s (it then resumes from its last checkpoint).
+    fairshare_preempt: bool = True
+    preempt_after_s: float = Field(300.0, ge=0)
+    preempt_min_runtime_s: float = Field(600.0, ge=0)
+    stop_grace_s: float = Field(600.0, ge=0)
     # Address-space limit (RLIMIT_AS) of a training process in bytes, on CPU workers only (0: none).
     # A job that exceeds it fails with `out_of_memory` instead of taking the node's memory from
     # everything else. GPU workers (--gpu) ignore it, with a warning at start: CUDA reserves far

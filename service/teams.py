@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.auth import KEY_PREFIX, create_key
-from service.models import ApiKey, File, Job, JobStatus, RegisteredModel, Team, now_s
+from service.models import ApiKey, File, Job, JobStatus, RegisteredModel, Team, TeamQuota, now_s
 from service.settings import Settings
 
 # Team names appear in URLs (/v1/admin/teams/{name}) and shell commands: keep them plain.
@@ -49,6 +50,7 @@ class TeamUsage:
     running_jobs: int
     queued_jobs: int
     stored_bytes: int
+    guaranteed_gpus: dict[str, int] = dataclass_field(default_factory=dict)  # pool -> GPUs guaranteed there
 
 
 def create_team(session: Session, settings: Settings, name: str, *, admin: bool = False) -> tuple[Team, str]:
@@ -102,12 +104,18 @@ def list_teams(session: Session, name: str | None = None) -> list[TeamUsage]:
         .tuples()
         .all()
     )
+    guaranteed: dict[str, dict[str, int]] = {}
+    for team_id, pool, gpus in session.execute(
+        select(TeamQuota.team_id, TeamQuota.pool, TeamQuota.guaranteed_gpus).where(TeamQuota.team_id.in_(ids))
+    ):
+        guaranteed.setdefault(team_id, {})[pool] = gpus
     return [
         TeamUsage(
             team=t,
             running_jobs=jobs.get((t.id, JobStatus.RUNNING.value), 0),
             queued_jobs=sum(jobs.get((t.id, s), 0) for s in WAITING),
             stored_bytes=int(stored.get(t.id) or 0),
+            guaranteed_gpus=guaranteed.get(t.id, {}),
         )
         for t in teams
     ]
@@ -172,9 +180,14 @@ def set_quota(
     max_storage_bytes: int | None = None,
     share_weight: float | None = None,
     max_gpus: int | None = None,
+    guaranteed_gpus: int | None = None,
+    pool: str = "default",
+    may_exempt_preemption: bool | None = None,
 ) -> Team:
     """Change the limits given (None: unchanged). `max_gpus` counts GPUs running over all pools;
-    -1 removes that limit."""
+    -1 removes that limit. `guaranteed_gpus` is the team's guarantee in `pool` (0 removes it): below
+    it the team's jobs go first there and reclaim GPUs by preemption. `may_exempt_preemption` lets
+    the team's jobs ask `preemptible: false`."""
     team = team_by_name(session, team_name)
     changes = {
         "max_running_jobs": max_running_jobs,
@@ -182,17 +195,25 @@ def set_quota(
         "max_storage_bytes": max_storage_bytes,
         "share_weight": share_weight,
         "max_gpus": max_gpus,
+        "guaranteed_gpus": guaranteed_gpus,
+        "may_exempt_preemption": may_exempt_preemption,
     }
     if all(value is None for value in changes.values()):
         raise AdminError(f"give at least one of {', '.join(changes)}")
     for field, value in changes.items():
         if value is None:
             continue
-        if field == "share_weight":
+        if field == "may_exempt_preemption":
+            if not isinstance(value, bool):
+                raise AdminError(f"{field}: must be true or false", field)
+        elif field == "share_weight":
             if not (math.isfinite(value) and 0 < value <= MAX_SHARE_WEIGHT):
                 raise AdminError(f"{field}: must be a number above 0 and at most {MAX_SHARE_WEIGHT:g}", field)
         elif isinstance(value, bool) or not isinstance(value, int):
             raise AdminError(f"{field}: must be an integer", field)
+        elif field == "guaranteed_gpus":
+            if not 0 <= value <= MAX_JOBS:
+                raise AdminError(f"{field}: must be from 0 to {MAX_JOBS}", field)
         elif field == "max_gpus":
             if not -1 <= value <= MAX_JOBS:
                 raise AdminError(f"{field}: must be from 0 to {MAX_JOBS}, or -1 for no limit", field)
@@ -200,10 +221,23 @@ def set_quota(
             top = MAX_STORAGE_BYTES if field == "max_storage_bytes" else MAX_JOBS
             raise AdminError(f"{field}: must be from 0 to {top}", field)
     for field, value in changes.items():
-        if value is not None:
+        if value is None:
+            continue
+        if field == "guaranteed_gpus":
+            quota = session.get(TeamQuota, (team.id, pool))
+            if value == 0 and quota is not None:
+                session.delete(quota)
+            elif value and quota is None:
+                session.add(TeamQuota(team_id=team.id, pool=pool, guaranteed_gpus=int(value)))
+            elif value and quota is not None:
+                quota.guaranteed_gpus = int(value)
+        else:
             setattr(team, field, None if field == "max_gpus" and value == -1 else value)
     session.commit()
     return team
+
+
+
 
 
 def list_models(session: Session) -> list[RegisteredModel]:

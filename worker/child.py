@@ -6,7 +6,8 @@ memory is freed when the job ends. It talks to its parent through files only:
 
 - `output/metrics.jsonl`, `output/events.jsonl`, `output/checkpoints/step-N/`: the trainer's own
   outputs, which the parent tails into the database while the run goes on;
-- `STOP` (written by the parent): finish the current step and stop, keeping the last checkpoint;
+- `STOP` (written by the parent): finish the current step and stop, keeping the last checkpoint; when
+  it says `checkpoint` (a pause or a preemption), save a checkpoint of that step first;
 - `error.json` (written here): why the run failed, as an OpenAI-style error (code, message, param),
   or for a full, read-only or failing disk the errno and the path whose write failed.
 
@@ -35,6 +36,7 @@ from worker.storage_space import storage_errno
 EXIT_FAILED = 3
 EXIT_STORAGE = 4
 STOP_FILE = "STOP"
+STOP_CHECKPOINT = "checkpoint"  # in the STOP file: checkpoint the current step before stopping
 ERROR_FILE = "error.json"
 CONFIG_FILE = "config.json"
 
@@ -102,6 +104,13 @@ def _storage_failure(run_dir: Path, output_dir: Path, number: int, path: str | N
     return EXIT_STORAGE
 
 
+def _stop_keeps_step(stop_file: Path) -> bool:
+    try:
+        return STOP_CHECKPOINT in stop_file.read_text()
+    except OSError:
+        return False
+
+
 def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
     stop_file = run_dir / STOP_FILE
@@ -114,7 +123,9 @@ def main(argv: list[str]) -> int:
 
         config = TrainingConfig.model_validate(json.loads((run_dir / CONFIG_FILE).read_text()))
         output_dir = config.output_dir
-        trainer = Trainer(config, should_stop=stop_file.exists)
+        trainer = Trainer(
+            config, should_stop=stop_file.exists, checkpoint_on_stop=lambda: _stop_keeps_step(stop_file)
+        )
         trainer.setup()
         result = trainer.train()
         with contextlib.suppress(OSError):  # the run is complete: a full log must not fail it

@@ -2,7 +2,9 @@
 and writing it into the database once (`record_end`).
 
     exit 0 + summary.json           succeeded (final checkpoint, fine_tuned_model, results CSV)
-                                    or cancelled (stopped on request)
+                                    or cancelled (stopped on request), or stopped after a checkpoint
+                                    of its step (a pause: paused; a preemption: queued, an event
+                                    names the job it made way for)
     exit 4, or a failure with the   storage: queued again while attempts are left (it resumes from its
     disk nearly full                last checkpoint once a worker sees enough free space: claims wait
                                     for TUNEPOOL_MIN_FREE_BYTES), then failed with storage_full,
@@ -61,9 +63,9 @@ def exit_outcome(run: JobRun, code: int) -> Outcome:
     if summary is not None:
         if summary.get("status") == "completed":
             return Outcome(S.SUCCEEDED, summary=summary)
-        return Outcome(S.CANCELLED)
-    if run.stop_sent_at is not None:
-        return Outcome(S.CANCELLED)
+        return Outcome(S.PAUSED if summary.get("status") == "stopped" else S.CANCELLED)
+    if run.stop_sent_at is not None:  # killed while it stopped: a pause or preemption keeps the job
+        return Outcome(S.CANCELLED if run.stop_kind == "cancel" else S.PAUSED)
     problem = _storage_problem_after_exit(run, code)
     if problem is not None:
         return storage_outcome(run, problem)
@@ -153,6 +155,8 @@ def _record(run: JobRun, session: Any, job: Job, outcome: Outcome) -> None:
         last = max(run.registered, default=0)
         kept = f"; checkpoint of step {last} kept" if last else ""
         set_status(session, job, S.CANCELLED, f"Job cancelled at step {job.steps_completed}{kept}")
+    elif outcome.status == S.PAUSED:
+        _stopped(run, session, job)
     elif outcome.status == S.QUEUED and job.cancel_requested:  # a claim would forget the request
         assert outcome.storage is not None
         message = f"Job cancelled at step {job.steps_completed}; it stopped on: {outcome.storage.summary()}"
@@ -174,6 +178,30 @@ def _record(run: JobRun, session: Any, job: Job, outcome: Outcome) -> None:
             add_event(session, job, f"Last lines of the training log:\n{lines}", level="error")
         message = f"Job failed: {outcome.error['message']}"
         set_status(session, job, S.FAILED, message, level="error", error=outcome.error)
+
+
+def _stopped(run: JobRun, session: Any, job: Job) -> None:
+    """The run stopped on request after a checkpoint of its step: paused, re-queued (preempted, or a
+    pause withdrawn after the trainer was told), or cancelled when that came since."""
+    last = max(run.registered, default=0)
+    where = f"resumes from step {last}" if last else "starts again from the beginning (no checkpoint)"
+    request, reason = job.stop_request, job.stop_reason
+    job.stop_request = job.stop_reason = None
+    if job.cancel_requested:
+        kept = f"; checkpoint of step {last} kept" if last else ""
+        set_status(session, job, S.CANCELLED, f"Job cancelled at step {job.steps_completed}{kept}")
+        return
+    job.worker_id = job.lease_expires_at = job.dispatched_at = None
+    job.estimated_finish = None
+    if request == "pause":
+        message = f"Job paused at step {last}: its GPUs are free; it {where} when resumed"
+        set_status(session, job, S.PAUSED, message)
+    elif request == "preempt":
+        job.preemptions += 1
+        set_status(session, job, S.QUEUED, f"{reason or 'Preempted'}; {where}", level="warn")
+    else:
+        message = f"Job stopped for a pause that was withdrawn: re-queued, it {where}"
+        set_status(session, job, S.QUEUED, message)
 
 
 def _succeed(run: JobRun, session: Any, job: Job, summary: dict[str, Any]) -> None:

@@ -38,7 +38,15 @@ from service.models import Checkpoint, File, Job, JobMetric, JobStatus, Team
 from service.settings import Settings
 from service.storage import Storage
 from worker.artifacts import checkpoint_metrics, fine_tuned_model_name, run_dir, training_config
-from worker.child import CONFIG_FILE, ERROR_FILE, EXIT_FAILED, EXIT_STORAGE, STOP_FILE, read_error
+from worker.child import (
+    CONFIG_FILE,
+    ERROR_FILE,
+    EXIT_FAILED,
+    EXIT_STORAGE,
+    STOP_CHECKPOINT,
+    STOP_FILE,
+    read_error,
+)
 from worker.claim import Claim, Fence, LeaseLost
 from worker.job_end import exit_outcome, record_end, storage_outcome
 from worker.storage_space import problem_of
@@ -85,6 +93,7 @@ class JobRun:
         self.registered: dict[int, str] = {}  # checkpoint step -> storage path
         self.proc: subprocess.Popen[bytes] | None = None
         self.stop_sent_at: float | None = None
+        self.stop_kind: str | None = None  # what the STOP file asked: "cancel", "pause", "preempt"
         self.model_name = ""  # the fine-tuned model's name, set by prepare()
         self.resume_step = 0  # rows up to this step are in the database from an earlier attempt
         self.last_beat = time.monotonic()  # the last renewal of the lease (the claim made it)
@@ -216,13 +225,16 @@ class JobRun:
         return {step: str(path.relative_to(base)) for step, path in list_checkpoints(self.output)}
 
     def heartbeat(self) -> None:
-        cancel = self.fence.heartbeat(self.settings.lease_s)
+        stop = self.fence.heartbeat(self.settings.lease_s)
         self.last_beat = time.monotonic()
-        if cancel and self.stop_sent_at is None:
+        if stop and self.stop_sent_at is None:
             self.stop_sent_at = time.monotonic()
+            self.stop_kind = stop
+            # A pause or a preemption keeps the job: the trainer checkpoints its step before it stops.
+            text = "cancel requested\n" if stop == "cancel" else f"{stop} requested: {STOP_CHECKPOINT}\n"
             try:
-                (self.dir / STOP_FILE).write_text("cancel requested\n")
-            except OSError as err:  # a full disk: no STOP file, so no clean stop; cancel all the same
+                (self.dir / STOP_FILE).write_text(text)
+            except OSError as err:  # a full disk: no STOP file, so no clean stop; stop all the same
                 log.warning("cannot write %s (%s): killing job %s", STOP_FILE, err, self.claim.job_id)
                 self.kill()
 
@@ -257,12 +269,10 @@ class JobRun:
                 return code
             if self.abort():
                 raise Released
-            if self.stop_sent_at is not None and now - self.stop_sent_at > self.settings.cancel_grace_s:
-                log.warning(
-                    "job %s did not stop within %ss of cancel: killing it",
-                    self.claim.job_id,
-                    self.settings.cancel_grace_s,
-                )
+            grace = self.settings.cancel_grace_s if self.stop_kind == "cancel" else self.settings.stop_grace_s
+            if self.stop_sent_at is not None and now - self.stop_sent_at > grace:
+                job = self.claim.job_id
+                log.warning("job %s did not stop within %ss of %s: killing it", job, grace, self.stop_kind)
                 self.kill()
                 return self.proc.wait()
             time.sleep(self.settings.poll_s)

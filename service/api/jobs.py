@@ -1,5 +1,5 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events (and their live stream), metrics.
-Checkpoints and their content: service/api/checkpoints.py."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events (and their live stream),
+metrics. Checkpoints and their content: service/api/checkpoints.py."""
 
 from __future__ import annotations
 
@@ -25,9 +25,12 @@ from service.jobs import (
     queue_position,
     queue_positions_queries,
     request_cancel,
+    request_pause,
+    request_resume,
     to_schema,
 )
 from service.models import Job, JobEvent, JobMetric, JobStatus, Team
+from service.pools import request_dispatch
 from service.schemas import Job as JobSchema
 from service.schemas import (
     JobCreate,
@@ -65,9 +68,11 @@ def _own_job_query(team: Team, job_id: str) -> Select[Job]:
     return select(Job).where(Job.id == job_id, Job.team_id == team.id)
 
 
-def own_job(session: Session, team: Team, job_id: str) -> Job:
-    """The team's job, or the same 404 as an id that does not exist."""
-    job = session.scalar(_own_job_query(team, job_id))
+def own_job(session: Session, team: Team, job_id: str, *, lock: bool = False) -> Job:
+    """The team's job (`lock`: its row locked for an update), or the same 404 as an id that does not
+    exist."""
+    query = _own_job_query(team, job_id)
+    job = session.scalar(query.with_for_update() if lock else query)
     if job is None:
         raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
     return job
@@ -174,6 +179,54 @@ def cancel(fine_tuning_job_id: str, session: SessionDep, team: CurrentTeam) -> J
             code="job_finished",
         ) from None
     return to_schema(job)
+
+
+@router.post(
+    "/{fine_tuning_job_id}/pause",
+    response_model=JobSchema,
+    summary="Pause a job: a running one checkpoints its current step and frees its GPUs",
+    responses=error_responses(404, 409),
+)
+def pause(fine_tuning_job_id: str, session: SessionDep, team: CurrentTeam) -> JobSchema:
+    job = own_job(session, team, fine_tuning_job_id, lock=True)
+    try:
+        request_pause(session, job)
+    except IllegalTransition:
+        why = "being cancelled" if job.cancel_requested and job.status == "running" else job.status
+        raise APIError(
+            409,
+            f"Job {job.id} is {why}; only a queued or running job can be paused",
+            param="fine_tuning_job_id",
+            code="job_not_pausable",
+        ) from None
+    return to_schema(job, position=queue_position(session, job))
+
+
+@router.post(
+    "/{fine_tuning_job_id}/resume",
+    response_model=JobSchema,
+    summary="Resume a paused job: back in the queue, it continues from its checkpoint",
+    responses=error_responses(404, 409),
+)
+def resume(
+    fine_tuning_job_id: str, session: SessionDep, settings: SettingsDep, team: CurrentTeam
+) -> JobSchema:
+    job = own_job(session, team, fine_tuning_job_id, lock=True)
+    try:
+        request_resume(session, job)
+    except IllegalTransition:
+        raise APIError(
+            409,
+            f"Job {job.id} is {job.status}, not paused; only a paused job can be resumed",
+            param="fine_tuning_job_id",
+            code="job_not_paused",
+        ) from None
+    if job.status == "queued":
+        sent_at = request_dispatch(session, settings, job.pool)  # commits; None: the reconciler sends
+        if sent_at is not None:
+            job.dispatched_at = sent_at
+            session.commit()
+    return to_schema(job, position=queue_position(session, job))
 
 
 @router.get(

@@ -1,4 +1,4 @@
-"""`tunepool jobs create|list|get|cancel`."""
+"""`tunepool jobs create|list|get|cancel|pause|resume|why`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,9 @@ def jobs_create(
     pool: str | None = typer.Option(None, help="the GPU pool to run on"),
     priority: int | None = typer.Option(None, help="-100..100, higher first within your team"),
     gpus: int | None = typer.Option(None, help="GPUs of one node to train on (default 1)"),
+    preemptible: bool | None = typer.Option(
+        None, "--preemptible/--not-preemptible", help="--not-preemptible: exempt it (if your team may)"
+    ),
     from_yaml: Path | None = FROM_YAML_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -126,7 +129,7 @@ def jobs_create(
             "chat_template": template,
             "lora": {"quantize": lora_quantize} if lora_quantize is not None else None,
         },
-        {"suffix": suffix, "pool": pool, "priority": priority, "gpus": gpus},
+        {"suffix": suffix, "pool": pool, "priority": priority, "gpus": gpus, "preemptible": preemptible},
     )
     job = Api().request("POST", "/v1/fine_tuning/jobs", json=body)
     if as_json:
@@ -183,6 +186,8 @@ def jobs_get(job_id: str, as_json: bool = JSON_OPTION) -> None:
             "hyperparameters": job["hyperparameters"],
             "progress": job["progress"],
             "queue_position": job.get("queue_position"),
+            "queue_reason": job.get("queue_reason"),
+            "preemptions": str(job.get("preemptions", 0)),
             "pool": job["pool"],
             "priority": str(job["priority"]),
             "gpus": str(job.get("gpus", 1)),
@@ -203,3 +208,45 @@ def jobs_cancel(job_id: str, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         return print_json(job)
     typer.echo(f"cancel requested: job {job['id']} is {job['status']}")
+
+
+@jobs_app.command("pause")
+def jobs_pause(job_id: str, as_json: bool = JSON_OPTION) -> None:
+    """Pause a job: a running one checkpoints its current step and frees its GPUs; a queued one is held."""
+    job = Api().request("POST", f"/v1/fine_tuning/jobs/{job_id}/pause")
+    if as_json:
+        return print_json(job)
+    if job.get("pause_requested"):
+        typer.echo(f"pause requested: job {job['id']} checkpoints its current step, then is paused")
+    else:
+        typer.echo(f"job {job['id']} is {job['status']}")
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str, as_json: bool = JSON_OPTION) -> None:
+    """Resume a paused job: back in the queue, it continues from its checkpoint."""
+    job = Api().request("POST", f"/v1/fine_tuning/jobs/{job_id}/resume")
+    if as_json:
+        return print_json(job)
+    typer.echo(f"job {job['id']} is {job['status']}")
+
+
+@jobs_app.command("why")
+def jobs_why(job_id: str, as_json: bool = JSON_OPTION) -> None:
+    """Why a job waits: its place in the queue and the scheduler's reason."""
+    job = Api().get(f"/v1/fine_tuning/jobs/{job_id}")
+    answer = {
+        "id": job["id"],
+        "status": job["status"],
+        "queue_position": job.get("queue_position"),
+        "queue_reason": job.get("queue_reason"),
+    }
+    if as_json:
+        return print_json(answer)
+    if job["status"] != "queued":
+        detail = " (pause requested)" if job.get("pause_requested") else ""
+        typer.echo(f"job {job['id']} is {job['status']}{detail}: it is not waiting")
+        return
+    reason = job.get("queue_reason") or "not yet looked at by the scheduler (it looks every few seconds)"
+    where = f"position {job.get('queue_position')} in pool {job['pool']}"
+    typer.echo(f"job {job['id']} is queued, {where}: {reason}")

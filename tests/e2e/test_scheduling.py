@@ -404,3 +404,140 @@ def test_max_gpus_counts_the_gpus_of_running_jobs_in_every_pool(system: System) 
     with db.session() as session:
         team = session.get(Team, capped.team_id)
         assert team is not None and team.max_gpus is None
+
+
+class Cluster:
+    """Simulated nodes driving the real claim (worker/claim.py) on the real database, on a fake clock:
+    each claimed job runs for its duration (its estimated finish set as a running job's progress would
+    set it), then ends and its node claims again."""
+
+    def __init__(self, system: System, pool: str, nodes: dict[str, int]) -> None:
+        self.system, self.db, self.pool, self.nodes = system, system.stack.db, pool, nodes
+        self.clock = time.time()
+        self.duration: dict[str, float] = {}  # job id -> seconds it runs
+        self.running: dict[str, tuple[str, str, int, float]] = {}  # job -> (node, team, gpus, end)
+        # after each moment's claims: GPUs held per team, and the teams with jobs still queued
+        self.rounds: list[tuple[dict[str, int], set[str]]] = []
+        system.stack.declare_pool(pool)
+        self.beat()
+
+    def beat(self) -> None:
+        with self.db.session() as session:
+            for node, slots in self.nodes.items():
+                free = slots - sum(g for n, _, g, _ in self.running.values() if n == node)
+                session.merge(
+                    Worker(id=node, pool=self.pool, hostname=node, gpu_name="cpu", slots=slots,
+                           free_slots=free, started_at=self.clock, last_heartbeat_at=self.clock)
+                )  # fmt: skip
+            session.commit()
+
+    def held(self) -> dict[str, int]:
+        teams: dict[str, int] = {}
+        for _, team, gpus, _ in self.running.values():
+            teams[team] = teams.get(team, 0) + gpus
+        return teams
+
+    def fill(self, node: str) -> list[str]:
+        started = []
+        while True:
+            free = self.nodes[node] - sum(g for n, _, g, _ in self.running.values() if n == node)
+            got = claim_next_job(
+                self.db, self.pool, node, 600.0, free_slots=free, half_life_s=HALF_LIFE, now=self.clock
+            )
+            if got is None:
+                break
+            end = self.clock + self.duration[got.job_id]
+            with self.db.session() as session:
+                job = session.scalars(select(Job).where(Job.id == got.job_id)).one()
+                job.estimated_finish = int(end)
+                self.running[got.job_id] = (node, job.team_id, got.gpus, end)
+                session.commit()
+            started.append(got.job_id)
+        self.beat()
+        return started
+
+    def next_end(self) -> bool:
+        """Advance to the next job's end, end it (and any ending with it), and let its node claim."""
+        if not self.running:
+            return False
+        self.clock = min(end for *_, end in self.running.values())
+        ended = [j for j, (*_, end) in self.running.items() if end <= self.clock]
+        nodes = {self.running[j][0] for j in ended}
+        for job_id in ended:
+            del self.running[job_id]
+            finish(self.system, job_id, self.clock)
+        for node in sorted(nodes):
+            self.fill(node)
+        with self.db.session() as session:
+            waiting = set(
+                session.scalars(
+                    select(Job.team_id).where(Job.pool == self.pool, Job.status == "queued")
+                ).all()
+            )
+        self.rounds.append((self.held(), waiting))
+        return True
+
+
+def submit_many(
+    system: System, team: TeamClient, pool: str, sizes: list[int], seconds: float, cluster: Cluster
+) -> list[str]:
+    file_id = system.new_file(team, n=4)
+    ids = [system.submit(team, file_id, pool=pool, gpus=k)["id"] for k in sizes]
+    cluster.duration.update({i: seconds for i in ids})
+    return ids
+
+
+def test_fair_share_on_four_slots_two_teams_hold_two_gpus_each(system: System) -> None:
+    """Two 2-slot nodes: team A's ten 2-GPU jobs, then team B's ten 1-GPU jobs. With equal weights
+    each team holds 2 GPUs after every claim while both wait; with A's weight 3, A holds 3 (a 2-GPU
+    and a 1-GPU job) and B 1."""
+    a, b = system.team(), system.team()
+    for t in (a, b):
+        quota(system, t, max_running_jobs=100)
+    cluster = Cluster(system, "four", {"n1": 2, "n2": 2})
+    submit_many(system, a, "four", [2] * 10, 300.0, cluster)
+    cluster.fill("n1"), cluster.fill("n2")
+    assert cluster.held() == {a.team_id: 4}  # alone: A takes all four
+    submit_many(system, b, "four", [1] * 10, 200.0, cluster)
+    while cluster.next_end():
+        pass
+    both = [held for held, waiting in cluster.rounds if waiting == {a.team_id, b.team_id}]
+    assert len(both) >= 5 and all(held == {a.team_id: 2, b.team_id: 2} for held in both), cluster.rounds
+
+    # A's weight 3 (of 4): A holds 3 as a 2-GPU and a 1-GPU job, B the fourth GPU.
+    heavy, light = system.team(), system.team()
+    quota(system, heavy, max_running_jobs=100, share_weight=3.0)
+    quota(system, light, max_running_jobs=100)
+    cluster = Cluster(system, "weighted-four", {"n1": 2, "n2": 2})
+    submit_many(system, heavy, "weighted-four", [2, 1] * 5, 300.0, cluster)
+    cluster.fill("n1"), cluster.fill("n2")
+    submit_many(system, light, "weighted-four", [1] * 10, 200.0, cluster)
+    while cluster.next_end():
+        pass
+    both = [held for held, waiting in cluster.rounds if waiting == {heavy.team_id, light.team_id}]
+    # (the first moment both A jobs end at once, B goes first on the node that frees first: 2 + 2)
+    assert len(both) >= 5 and all(held == {heavy.team_id: 3, light.team_id: 1} for held in both[1:]), both
+
+
+def test_a_big_job_behind_a_stream_of_small_ones_starts_once_the_running_ones_end(system: System) -> None:
+    """One 2-slot node busy with a stream of another team's 1-GPU jobs (each end brings a new one): a
+    2-GPU job reserves the node, and starts when the two jobs running at its arrival have ended,
+    not after the stream (the free slot is held for it meanwhile)."""
+    stream, big = system.team(), system.team()
+    quota(system, stream, max_running_jobs=100)
+    cluster = Cluster(system, "stream", {"n1": 2})
+    start = cluster.clock
+    first = submit_many(system, stream, "stream", [1], 100.0, cluster)
+    second = submit_many(system, stream, "stream", [1], 150.0, cluster)
+    cluster.fill("n1")
+    assert set(cluster.running) == {*first, *second}
+    [gang] = submit_many(system, big, "stream", [2], 50.0, cluster)
+    started_at = None
+    for n in range(12):
+        submit_many(system, stream, "stream", [1], 100.0 + 10 * n, cluster)  # the stream goes on
+        cluster.next_end()
+        if gang in cluster.running and started_at is None:
+            started_at = cluster.clock
+    assert started_at == start + 150.0, cluster.rounds  # when the second running job ended
+    # meanwhile (100 s to 150 s) the node's free slot stayed free for it
+    assert cluster.rounds[0][0] == {stream.team_id: 1}, cluster.rounds

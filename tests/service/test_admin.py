@@ -65,6 +65,8 @@ def test_create_team_returns_a_working_key_once(stack: Stack) -> None:
         "max_storage_bytes": stack.settings.default_max_storage_bytes,
         "share_weight": 1.0,
         "max_gpus": None,
+        "guaranteed_gpus": {},
+        "may_exempt_preemption": False,
     }
     assert body["usage"] == {"running_jobs": 0, "queued_jobs": 0, "stored_bytes": 0}
     key = body["api_key"]["key"]
@@ -174,8 +176,13 @@ def test_set_quota(stack: Stack) -> None:
         "max_storage_bytes": 10**12,
         "share_weight": 2.5,
         "max_gpus": 16,
+        "guaranteed_gpus": {},
+        "may_exempt_preemption": False,
     }
     assert admin.patch(url, json={"max_gpus": -1}).json()["quota"]["max_gpus"] is None  # no limit
+    quota = admin.patch(url, json={"guaranteed_gpus": 3, "pool": "a100", "may_exempt_preemption": True})
+    assert quota.json()["quota"]["guaranteed_gpus"] == {"a100": 3}
+    assert quota.json()["quota"]["may_exempt_preemption"] is True
     assert error_of(admin.patch("/v1/admin/teams/no-such-team/quota", json={"max_running_jobs": 1}), 404)
 
 
@@ -188,6 +195,8 @@ def test_set_quota(stack: Stack) -> None:
         ({"max_queued_jobs": 1.5}, "max_queued_jobs"),
         ({"max_storage_bytes": 2**64}, "max_storage_bytes"),
         ({"share_weight": 0}, "share_weight"),
+        ({"guaranteed_gpus": -1}, "guaranteed_gpus"),
+        ({"may_exempt_preemption": "yes"}, "may_exempt_preemption"),
         ({"share_weight": -2}, "share_weight"),
         ({"max_gpus": -2}, "max_gpus"),
         ({"max_gpus": 2.5}, "max_gpus"),

@@ -113,6 +113,8 @@ def test_set_quota(stack: Stack) -> None:
         "max_storage_bytes": 10 * 1000**3,
         "share_weight": 2.5,
         "max_gpus": 8,
+        "guaranteed_gpus": {},
+        "may_exempt_preemption": False,
     }
     ok(stack.env, "admin", "set-quota", name, "--max-storage-bytes", "2GiB")
     quota = team_listed(stack, name)["quota"]
@@ -121,6 +123,15 @@ def test_set_quota(stack: Stack) -> None:
     assert "max_gpus=none" in ok(stack.env, "admin", "set-quota", name, "--max-gpus", "-1")
     assert team_listed(stack, name)["quota"]["max_gpus"] is None
     assert "max_gpus" in refused(stack.env, "admin", "set-quota", name, "--max-gpus", "-2")
+    out = ok(stack.env, "admin", "set-quota", name, "--guaranteed-gpus", "4", "--pool", "a100",
+             "--may-exempt-preemption")  # fmt: skip
+    assert "guaranteed_gpus[a100]=4" in out and "may_exempt_preemption=true" in out
+    ok(stack.env, "admin", "set-quota", name, "--guaranteed-gpus", "2")  # the default pool
+    quota = team_listed(stack, name)["quota"]
+    assert quota["guaranteed_gpus"] == {"a100": 4, "default": 2} and quota["may_exempt_preemption"] is True
+    ok(stack.env, "admin", "set-quota", name, "--guaranteed-gpus", "0", "--pool", "a100")  # removed
+    assert team_listed(stack, name)["quota"]["guaranteed_gpus"] == {"default": 2}
+    assert "guaranteed_gpus" in refused(stack.env, "admin", "set-quota", name, "--guaranteed-gpus", "-1")
 
     assert "at least one" in refused(stack.env, "admin", "set-quota", name, code=2)
     bad_size = refused(stack.env, "admin", "set-quota", name, "--max-storage-bytes", "lots", code=2)

@@ -59,7 +59,7 @@ __all__ = ["Trainer", "TrainingError", "train"]
 
 @dataclass
 class TrainResult:
-    status: str  # "completed" or "cancelled"
+    status: str  # "completed", "cancelled", or "stopped" (on request, after a checkpoint of its step)
     step: int
     total_steps: int
     checkpoint: Path | None
@@ -74,11 +74,15 @@ class Trainer:
         on_metrics: Callable[[Row], None] | None = None,
         on_event: Callable[[Row], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        checkpoint_on_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self.on_metrics = on_metrics or (lambda row: None)
         self.on_event = on_event or (lambda row: None)
         self.should_stop = should_stop or (lambda: False)
+        # Asked when it stops: save a checkpoint of the current step first (pause, preemption), so
+        # that the job later resumes exactly where it stopped rather than at its last scheduled one.
+        self.checkpoint_on_stop = checkpoint_on_stop or (lambda: False)
         self.step = 0  # optimizer steps completed
         self.counters = {"trained_tokens": 0, "real_tokens": 0, "processed_tokens": 0, "skipped_steps": 0}
         self.elapsed_before = 0.0  # seconds spent by earlier runs of this job (before a resume)
@@ -228,8 +232,14 @@ class Trainer:
         checkpoint = ckpt.latest_checkpoint(cfg.output_dir)
         while self.step < self.total_steps:
             if self.world.from_main(self.should_stop()):
-                status = "cancelled"
-                self.event("info", f"stopped at step {self.step} on request; last checkpoint kept")
+                if self.world.from_main(self.checkpoint_on_stop()):
+                    status = "stopped"
+                    if self.step and (checkpoint is None or checkpoint.name != f"step-{self.step:06d}"):
+                        checkpoint = self.save_checkpoint()
+                    self.event("info", f"stopped at step {self.step} on request, after a checkpoint of it")
+                else:
+                    status = "cancelled"
+                    self.event("info", f"stopped at step {self.step} on request; last checkpoint kept")
                 break
             epoch, index = divmod(self.step, self.steps_per_epoch)
             if self._plan[0] != epoch:
