@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from service import metrics
-from service.api import admin, checkpoints, files, health, jobs, models, ui, webhooks
+from service.api import admin, checkpoints, files, health, jobs, models, pool, ui, webhooks
 from service.auth import AuthCache
 from service.db import Database
 from service.errors import KeepConnection, install_error_handlers
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_outage_handlers(app)  # database and storage failures: 503/507 with Retry-After
     # Routes match in this order: the job poll, the most frequent request by far, comes first.
-    for module in (jobs, checkpoints, files, models, health, admin, webhooks):
+    for module in (jobs, checkpoints, files, models, health, admin, webhooks, pool):
         app.include_router(module.router)
     ui.install(app)  # the web dashboard at /ui
     metrics.install(app, app.state.db, settings)  # GET /metrics and the request-latency middleware

@@ -8,7 +8,9 @@ series name every team (`tunepool_jobs{team=...}`). Prometheus sends the token w
 Two kinds of series:
 - Computed from the database when scraped (`DatabaseCollector`), so every API replica answers the
   same numbers whichever process or worker changed them: jobs by status, pool and team; running
-  jobs and live workers (heartbeat within `lease_s`) by pool; webhook deliveries by status; and two
+  jobs and live workers (heartbeat within `lease_s`) by pool; the live workers' GPU slots by pool
+  and state (total, busy, free); GPUs running and decayed GPU-seconds used (the fair-share usage of
+  service/pool_view.py) by team and pool; preemptions by pool; webhook deliveries by status; and two
   histograms over jobs, queue wait (created_at -> started_at, every job that started) and duration
   (started_at -> finished_at, every job that finished, by final status). The buckets are counted
   in SQL over all jobs (one `SUM(CASE WHEN x <= le ...)` aggregate per histogram, grouped by pool):
@@ -40,6 +42,7 @@ from service.db import Database
 from service.errors import APIError, error_responses
 from service.event_hub import EventStreamGauges
 from service.models import Job, Team, WebhookDelivery, Worker
+from service.pool_view import alive, usage_now
 from service.settings import Settings
 
 # Seconds. Queue waits run from instant to hours; jobs from a minute to days.
@@ -91,13 +94,31 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = time.time()
         with self.db.session() as session:
+            # One scan for the counts, the GPUs of running jobs and the preemptions.
             jobs = session.execute(
-                select(Team.name, Job.pool, Job.status, func.count())
+                select(
+                    Team.name,
+                    Job.pool,
+                    Job.status,
+                    func.count(),
+                    func.coalesce(func.sum(Job.gpus), 0),
+                    func.coalesce(func.sum(Job.preemptions), 0),
+                )
                 .join(Team, Team.id == Job.team_id)
                 .group_by(Team.name, Job.pool, Job.status)
             ).all()
-            alive = case((Worker.last_heartbeat_at >= now - self.settings.lease_s, 1), else_=0)
-            workers = session.execute(select(Worker.pool, func.sum(alive)).group_by(Worker.pool)).all()
+            live = alive(now, self.settings.lease_s)
+            workers = session.execute(
+                select(
+                    Worker.pool,
+                    func.sum(case((live, 1), else_=0)),
+                    func.sum(case((live, Worker.slots), else_=0)),
+                    func.sum(case((live, Worker.free_slots), else_=0)),
+                ).group_by(Worker.pool)
+            ).all()
+            usage = usage_now(session, now, self.settings.fairshare_half_life_s)
+            named = select(Team.id, Team.name).where(Team.id.in_({t for t, _ in usage}))
+            team_names = dict(session.execute(named).tuples().all())
             deliveries = session.execute(
                 select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
             ).all()
@@ -119,11 +140,16 @@ class DatabaseCollector(Collector):
         by_status = GaugeMetricFamily(
             "tunepool_jobs", "Jobs by status, pool and team", labels=["status", "pool", "team"]
         )
-        running: dict[str, int] = {pool: 0 for _, pool, _, _ in jobs} | {pool: 0 for pool, _ in workers}
-        for team, pool, status, count in jobs:
+        pools = {row[1] for row in jobs} | {row[0] for row in workers}
+        running: dict[str, int] = dict.fromkeys(pools, 0)
+        preemptions: dict[str, int] = {row[1]: 0 for row in jobs}
+        team_gpus: dict[tuple[str, str], int] = {(row[0], row[1]): 0 for row in jobs}
+        for team, pool, status, count, gpus, preempted in jobs:
             by_status.add_metric([status, pool, team], int(count))
+            preemptions[pool] += int(preempted)
             if status == "running":
                 running[pool] += int(count)
+                team_gpus[team, pool] += int(gpus)
         yield by_status
         gauge = GaugeMetricFamily("tunepool_jobs_running", "Running jobs by pool", labels=["pool"])
         for pool, count in sorted(running.items()):
@@ -132,8 +158,42 @@ class DatabaseCollector(Collector):
         gauge = GaugeMetricFamily(
             "tunepool_workers_alive", "Workers that heartbeat within lease_s, by pool", labels=["pool"]
         )
-        for pool, count in workers:
+        for pool, count, _, _ in workers:
             gauge.add_metric([pool], int(count or 0))
+        yield gauge
+        gauge = GaugeMetricFamily(
+            "tunepool_gpus",
+            "GPU slots of the live workers by pool: total, busy (taken by jobs) and free",
+            labels=["pool", "state"],
+        )
+        for pool, _, slots, free in workers:
+            total, free = int(slots or 0), int(free or 0)
+            for state, value in (("total", total), ("busy", total - free), ("free", free)):
+                gauge.add_metric([pool, state], value)
+        yield gauge
+        gauge = GaugeMetricFamily(
+            "tunepool_team_gpus_running", "GPUs of running jobs by team and pool", labels=["team", "pool"]
+        )
+        for (team, pool), gpus in sorted(team_gpus.items()):
+            gauge.add_metric([team, pool], gpus)
+        yield gauge
+        gauge = GaugeMetricFamily(
+            "tunepool_team_gpu_seconds_total",
+            "GPU-seconds used by team and pool, decayed to now (half life TUNEPOOL_FAIRSHARE_HALF_LIFE_S): "
+            "the fair-share usage",
+            labels=["team", "pool"],
+        )
+        for (team_id, pool), gpu_seconds in sorted(usage.items()):
+            if team_id in team_names:
+                gauge.add_metric([team_names[team_id], pool], gpu_seconds)
+        yield gauge
+        gauge = GaugeMetricFamily(
+            "tunepool_preemptions_total",
+            "Preemptions of the pool's jobs (the sum of their counts)",
+            labels=["pool"],
+        )
+        for pool, count in sorted(preemptions.items()):
+            gauge.add_metric([pool], count)
         yield gauge
         gauge = GaugeMetricFamily(
             "tunepool_webhook_deliveries", "Webhook deliveries by status", labels=["status"]

@@ -10,7 +10,8 @@ and every form post (sign-in above all, which needs no cookie) is refused when a
 Pages carry a strict Content-Security-Policy (service/security_headers.py): no inline scripts.
 
 Everything a page shows comes from the same queries the REST API answers with (`to_schema`,
-the metrics rows, the event stream, the checkpoint archive), so the dashboard and the API agree.
+the metrics rows, the event stream, the checkpoint archive, and for the Pool page `pool_view`, GET
+/v1/pool's object), so the dashboard and the API agree.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import time
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -42,7 +44,10 @@ from service.jobs import (
     to_schema,
 )
 from service.models import Checkpoint, Job, JobMetric, JobStatus, Team
+from service.pool_schemas import PoolNode
+from service.pool_view import pool_view
 from service.security_headers import require_same_origin
+from service.settings import Settings
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 COOKIE = "tunepool_key"
@@ -77,6 +82,7 @@ async def ui_team(request: Request) -> Team:
     if found is None:
         raise SignInRequired(str(request.url.path))
     request.state.csrf = csrf_token(key)
+    request.state.is_admin = found[1].is_admin  # the Pool page shows an admin every team
     return found[0]
 
 
@@ -207,6 +213,45 @@ def job_page(request: Request, job_id: str, session: SessionDep, team: UiTeam) -
         "csrf": request.state.csrf,
     }
     return _page(request, "job.html", context)
+
+
+def slot_boxes(node: PoolNode) -> list[dict[str, str | None]]:
+    """A node's slots as the Pool page draws them, one box each: its running jobs' GPUs first (the
+    team's own linked to their page), then slots busy with no job the view knows of (the node's last
+    heartbeat predates a job's end), then the free ones."""
+    boxes: list[dict[str, str | None]] = []
+    for job in node.jobs:
+        if job.own:
+            box = {"kind": "own", "job": job.id, "title": f"your job {job.id} ({job.gpus} GPUs)"}
+        elif job.id is not None:  # an admin's view: another team's job, by name
+            box = {"kind": "other", "job": None, "title": f"{job.team}: {job.id} ({job.gpus} GPUs)"}
+        else:
+            box = {"kind": "other", "job": None, "title": f"another team ({job.gpus} GPUs)"}
+        boxes += [box] * job.gpus
+    boxes = boxes[: node.slots]
+    free = min(node.free_slots, node.slots - len(boxes))
+    boxes += [{"kind": "busy", "job": None, "title": "busy"}] * (node.slots - len(boxes) - free)
+    return boxes + [{"kind": "free", "job": None, "title": "free"}] * free
+
+
+templates.env.globals["slot_boxes"] = slot_boxes
+
+
+@router.get("/pool", response_class=HTMLResponse)
+def pool_page(request: Request, session: SessionDep, team: UiTeam, partial: bool = False) -> HTMLResponse:
+    """GET /v1/pool's object drawn: each pool's nodes slot by slot, the share bars, the queue."""
+    settings: Settings = request.app.state.settings
+    admin: bool = request.state.is_admin
+    view = pool_view(
+        session,
+        team,
+        admin=admin,
+        now=time.time(),
+        lease_s=settings.lease_s,
+        half_life_s=settings.fairshare_half_life_s,
+    )
+    context = {"team": team, "pools": view.data, "admin": admin}
+    return _page(request, "_pool_body.html" if partial else "pool.html", context)
 
 
 @router.get("/jobs/{job_id}/data")

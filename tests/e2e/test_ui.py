@@ -1,12 +1,13 @@
 """The web dashboard in headless Chromium (Debian's, driven by Playwright) against a running stack
 with a finished DFT job and a finished SFT job on the same data: sign in, the jobs table, a job's
-live charts drawn from its metrics, the SFT overlay, a checkpoint download, cancel. Screenshots
-go to test-output/ui/."""
+live charts drawn from its metrics, the SFT overlay, a checkpoint download, cancel, the Pool page.
+Screenshots go to test-output/ui/."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
+from service.models import Worker
 from tests.e2e.conftest import System
 from tests.service.conftest import ROOT
+from tests.service.helpers import set_job
 from tests.worker.training.conftest import chat_rows
 
 SHOTS = ROOT / "test-output" / "ui"
@@ -233,6 +236,38 @@ def test_dashboard_cancel_isolation_and_sign_out(system: System, browser: Browse
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
     assert page.locator("#cancel-form").count() == 0
     page.screenshot(path=str(SHOTS / "cancelled.png"), full_page=True)
+
+    # The Pool page: a node's slots (the team's job linked, another team's, a free one), its share
+    # bar, and why its queued job waits. The node and the running jobs are what a worker would write.
+    pool = system.stack.declare_pool("ui-pool")
+    with system.stack.db.session() as session:
+        # Its heartbeat ahead of the clock: live for the whole test, whatever the (6 s) test lease.
+        now = time.time()
+        worker = Worker(id="ui-node-1", pool=pool, hostname="ui-node", gpu_name="H100", slots=4,
+                        free_slots=1, started_at=now, last_heartbeat_at=now + 600)  # fmt: skip
+        session.add(worker)
+        session.commit()
+    mine, theirs, waiting = (
+        system.submit(client, pool=pool),
+        system.submit(other, pool=pool),
+        system.submit(client, pool=pool),
+    )
+    set_job(system.stack, mine["id"], status="running", worker_id="ui-node-1", gpus=2)
+    set_job(system.stack, theirs["id"], status="running", worker_id="ui-node-1")
+    set_job(system.stack, waiting["id"], queue_reason="waiting for 1 free GPU")
+    page.click("header nav a[href='/ui/pool']")
+    page.wait_for_url(f"{url}/ui/pool")
+    node = page.locator("tr.node[data-node-id='ui-node-1']")
+    assert [node.locator(f".slot-{kind}").count() for kind in ("own", "other", "free")] == [2, 1, 1]
+    assert node.locator(f"a.slot-own[href='/ui/jobs/{mine['id']}']").count() == 2
+    assert (
+        page.locator(f"tr.queued-job[data-job-id='{waiting['id']}'] .reason").inner_text()
+        == "waiting for 1 free GPU"
+    )
+    bar = page.locator(f"section[data-pool='{pool}'] .share-row .bar-share")
+    assert bar.evaluate("e => e.style.width").startswith("66.6")  # 2 of the 3 GPUs running
+    assert theirs["id"] not in page.content() and other.name not in page.content()
+    page.screenshot(path=str(SHOTS / "pool.png"), full_page=True)
 
     # Signing out drops the cookie: the pages ask for the key again.
     page.click("header form button")

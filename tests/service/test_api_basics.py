@@ -113,6 +113,7 @@ def test_health_and_docs(stack: Stack) -> None:
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/content",
         "/v1/fine_tuning/jobs/{fine_tuning_job_id}/metrics",
         "/v1/models",
+        "/v1/pool",
         "/healthz",
         "/readyz",
     ):

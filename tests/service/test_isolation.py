@@ -4,6 +4,10 @@ gets (same status, same body once the id is swapped), while the owner does reach
 
 The matrix is checked against the app's route table: a new route with a path parameter or an
 `after` cursor fails `test_every_id_taking_route_is_in_the_matrix` until it has a probe here.
+
+Views of what teams share (the pool: its nodes, GPUs and queue) take no id but show every team's
+work: SHARED_VIEWS lists them, and another team's ids, name and metadata must appear nowhere in
+what they answer, while the owner does see its own there.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from fastapi.routing import iter_route_contexts
 
 from service.api.ui import COOKIE, csrf_token
 from service.main import create_app
-from service.models import WebhookDelivery
+from service.models import WebhookDelivery, Worker
 from service.pools import declare_pool
 from service.settings import load_settings
 from tests.service.conftest import Stack
@@ -72,6 +77,8 @@ MATRIX = [
     Probe(f"GET {J}/{{fine_tuning_job_id}}", f"{J}/{{job}}"),
     Probe(f"GET {J}", f"{J}?after={{job}}", denied=400),
     Probe(f"POST {J}/{{fine_tuning_job_id}}/cancel", f"{J}/{{job}}/cancel"),
+    Probe(f"POST {J}/{{fine_tuning_job_id}}/pause", f"{J}/{{job}}/pause"),
+    Probe(f"POST {J}/{{fine_tuning_job_id}}/resume", f"{J}/{{job}}/resume"),
     Probe(f"GET {J}/{{fine_tuning_job_id}}/events", f"{J}/{{job}}/events"),
     Probe(f"GET {J}/{{fine_tuning_job_id}}/events", f"{J}/{{job}}/events?stream=true"),
     Probe(f"GET {J}/{{fine_tuning_job_id}}/events", f"{J}/{{own_job}}/events?after={{event}}", denied=400),
@@ -231,5 +238,68 @@ def test_another_teams_id_is_indistinguishable_from_a_missing_one(stack: Stack, 
     owner_key = stack.team(admin=True).key if probe.denied == 403 else a.key
     own = {**real, "own_job": real["job"], "own_webhook": real["webhook"], "own_file": real["file"]}
     owner = send(stack, owner_key, probe, own)
-    cancel = probe.route.endswith("/cancel") and probe.via == "key"  # a finished job: 409
-    assert owner.status_code == 409 if cancel else owner.status_code < 400, owner.text
+    # a finished job cannot be cancelled, paused or resumed: 409
+    moves = probe.route.endswith(("/cancel", "/pause", "/resume")) and probe.via == "key"
+    assert owner.status_code == 409 if moves else owner.status_code < 400, owner.text
+
+
+# Routes that show what every team shares, each team's part of it filtered: (route as in the route
+# table, request, via). A team's own jobs there by id; another team's only as the GPUs they hold.
+SHARED_VIEWS = [
+    Probe("GET /v1/pool", "/v1/pool"),
+    Probe("GET /ui/pool", "/ui/pool", via="ui"),
+    Probe("GET /ui/pool", "/ui/pool?partial=1", via="ui"),
+]
+
+
+def test_every_shared_view_is_a_route() -> None:
+    routes = {f"{m} {p}" for m, p, _, _ in route_table()}
+    assert {v.route for v in SHARED_VIEWS} <= routes, "SHARED_VIEWS names a route the app no longer has"
+
+
+def pool_world(stack: Stack) -> tuple[dict[str, str], dict[str, Any]]:
+    """`world`, plus a pool both teams use: team a runs a job on its live node and queues another
+    (with metadata and a reason), team b queues one there too."""
+    ids, teams = world(stack)
+    a, b = teams["a"], teams["b"]
+    pool = stack.declare_pool(f"iso-shared-{secrets.token_hex(4)}")
+    now = time.time()
+    with stack.db.session() as session:
+        node = Worker(id=f"iso-node-{secrets.token_hex(4)}", pool=pool, hostname="iso-node", gpu_name="H100",
+                      slots=4, free_slots=2, started_at=now, last_heartbeat_at=now)  # fmt: skip
+        session.add(node)
+        session.commit()
+        node_id = node.id
+    running = new_job(stack, a, pool=pool, suffix="a-suffix", metadata={"owner": "a-metadata"})["id"]
+    queued = new_job(stack, a, pool=pool, metadata={"owner": "a-metadata"})["id"]
+    set_job(stack, running, status="running", worker_id=node_id, gpus=2, started_at=int(now))
+    set_job(stack, queued, queue_reason="a-reason: waiting for 2 free GPUs")
+    new_job(stack, b, pool=pool)
+    extra = {"running": running, "queued": queued, "team_id": a.team_id, "shared_pool": pool}
+    return {**ids, **extra}, teams
+
+
+@pytest.mark.parametrize("view", SHARED_VIEWS, ids=lambda v: f"{v.url} {v.via}")
+def test_a_shared_view_shows_no_other_teams_ids_names_or_metadata(stack: Stack, view: Probe) -> None:
+    real, teams = pool_world(stack)
+    a, b = teams["a"], teams["b"]
+    theirs = send(stack, b.key, view, real)
+    assert theirs.status_code == 200, theirs.text
+    secrets_of_a = [real[k] for k in ("file", "job", "ckpt", "event", "model", "webhook", "delivery", "team",
+                                      "prefix", "running", "queued", "team_id")]  # fmt: skip
+    for secret in [*secrets_of_a, "a-suffix", "a-metadata", "a-reason"]:
+        assert secret not in theirs.text, (secret, view)
+    # ...and yet a's running job is there, as two GPUs of another team (so the view was not empty).
+    assert real["shared_pool"] in theirs.text
+    if view.via == "ui":  # the pool's section of the page (other tests' pools have nodes too)
+        section = theirs.text.split(f'data-pool="{real["shared_pool"]}"', 1)[1].split("</section>", 1)[0]
+        assert section.count('title="another team (2 GPUs)"') == 2
+    else:
+        pool = next(p for p in theirs.json()["data"] if p["name"] == real["shared_pool"])
+        assert pool["nodes"][0]["jobs"] == [{"id": None, "team": None, "own": False, "gpus": 2}]
+        assert pool["queue"] == {"jobs": 2, "gpus": 2}
+    # The owner sees its own jobs there by id, and the queued one's reason.
+    owner = send(stack, a.key, view, real)
+    assert owner.status_code == 200
+    for own in (real["running"], real["queued"], "a-reason", a.name):
+        assert own in owner.text, own

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import secrets
 import time
 from typing import Any
 
@@ -9,7 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from service.models import Job, Team, Worker
+from service.models import Job, Team, TeamUsage, Worker
 from tests.service.conftest import Stack
 from tests.service.helpers import new_job, set_job
 
@@ -84,6 +86,40 @@ def test_job_counts_match_the_database(stack: Stack) -> None:
     assert succeeded["+Inf"] >= 1 and failed["+Inf"] >= 1
     assert failed["10.0"] >= 1
     assert not any(s.labels["status"] == "cancelled" for s in durations)  # never started: no duration
+
+
+def test_pool_gpus_team_usage_and_preemptions(stack: Stack) -> None:
+    pool = stack.declare_pool(f"metrics-{secrets.token_hex(4)}")
+    client = stack.team()
+    now = time.time()
+    with stack.db.session() as session:
+        for name, slots, free, beat in (("a", 4, 1, now), ("b", 2, 2, now), ("dead", 8, 8, now - 3600)):
+            session.add(
+                Worker(id=f"{pool}-{name}", pool=pool, hostname=name, gpu_name="H100", slots=slots,
+                       free_slots=free, started_at=now - 600, last_heartbeat_at=beat)
+            )  # fmt: skip
+        # 7200 GPU-seconds a half-life (TUNEPOOL_FAIRSHARE_HALF_LIFE_S: a day) ago count 3600 now.
+        session.add(TeamUsage(team_id=client.team_id, pool=pool, gpu_seconds=7200.0, as_of=now - 86400))
+        session.commit()
+    running, done, queued = (new_job(stack, client, pool=pool)["id"] for _ in range(3))
+    set_job(stack, running, status="running", gpus=3, worker_id=f"{pool}-a", preemptions=1)
+    set_job(stack, done, status="succeeded", gpus=2, preemptions=2, finished_at=int(now))
+    set_job(stack, queued, preemptions=4)
+    waiting = stack.team()
+    new_job(stack, waiting, pool=pool)
+
+    samples = scrape(stack)
+    gpus = {s.labels["state"]: s.value for s in samples["tunepool_gpus"] if s.labels["pool"] == pool}
+    assert gpus == {"total": 6, "busy": 3, "free": 3}  # the dead worker's 8 slots count nowhere
+    team_gpus = {(s.labels["team"], s.labels["pool"]): s.value for s in samples["tunepool_team_gpus_running"]}
+    assert team_gpus[client.name, pool] == 3  # the running job's GPUs; the finished one's are free
+    assert team_gpus[waiting.name, pool] == 0  # jobs in the pool, none running: 0, not absent
+    usage = {
+        (s.labels["team"], s.labels["pool"]): s.value for s in samples["tunepool_team_gpu_seconds_total"]
+    }
+    assert math.isclose(usage[client.name, pool], 3600.0, abs_tol=5.0)
+    preemptions = {s.labels["pool"]: s.value for s in samples["tunepool_preemptions_total"]}
+    assert preemptions[pool] == 7
 
 
 def _latency_count(samples: dict[str, list[Any]], route: str, status: str) -> float:

@@ -1,5 +1,5 @@
-// tunepool dashboard: relative times, the live jobs table, and the job page's live charts, events,
-// checkpoints and overlays. Plain browser JavaScript, no build step; charts are uPlot's.
+// tunepool dashboard: relative times, the live jobs table, the Pool page, and the job page's live
+// charts, events, checkpoints and overlays. Plain browser JavaScript, no build step; charts are uPlot's.
 "use strict";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -50,6 +50,31 @@ function startJobsTable() {
       refreshTimes(body);
     }
   }, 3000);
+}
+
+// --- the Pool page: share bars sized from their data (the CSP allows no inline style), and the
+// whole page re-rendered by the server every few seconds
+function sizeShareBars(root = document) {
+  const percent = (v) => `${Math.min(100, Math.max(0, Number(v) * 100))}%`;
+  for (const bar of root.querySelectorAll(".bar[data-share]")) {
+    bar.querySelector(".bar-share").style.width = percent(bar.dataset.share);
+    bar.querySelector(".bar-fair").style.left = percent(bar.dataset.fair);
+  }
+}
+
+function startPoolPage() {
+  const body = document.getElementById("pool-body");
+  if (!body) return;
+  sizeShareBars(body);
+  setInterval(async () => {
+    if (document.hidden) return;
+    const response = await fetch(body.dataset.refresh, { credentials: "same-origin" });
+    if (response.ok && !response.redirected) {
+      body.innerHTML = await response.text();
+      refreshTimes(body);
+      sizeShareBars(body);
+    }
+  }, 5000);
 }
 
 // --- the job page
@@ -231,5 +256,6 @@ document.addEventListener("DOMContentLoaded", () => {
   refreshTimes();
   setInterval(refreshTimes, 15000);
   startJobsTable();
+  startPoolPage();
   startJobPage();
 });
