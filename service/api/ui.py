@@ -41,11 +41,14 @@ from service.jobs import (
     queue_position,
     queue_positions_queries,
     request_cancel,
+    request_pause,
+    request_resume,
     to_schema,
 )
 from service.models import Checkpoint, Job, JobMetric, JobStatus, Team
 from service.pool_schemas import PoolNode
 from service.pool_view import pool_view
+from service.pools import request_dispatch
 from service.security_headers import require_same_origin
 from service.settings import Settings
 
@@ -305,16 +308,37 @@ def checkpoint_download(
     )
 
 
+def _move(request: Request, job_id: str, session: Session, team: Team, csrf: str, action: str) -> Response:
+    """A job page's button (cancel, pause, resume): checked like every form, then the API's move."""
+    if not hmac.compare_digest(csrf, request.state.csrf):
+        raise APIError(403, f"The {action} form is stale or forged; reload the page", code="csrf_failed")
+    job = jobs_api.own_job(session, team, job_id, lock=action != "cancel")
+    with contextlib.suppress(IllegalTransition):  # moved on meanwhile: the page shows where it is
+        {"cancel": request_cancel, "pause": request_pause, "resume": request_resume}[action](session, job)
+    if action == "resume" and job.status == "queued":
+        request_dispatch(session, request.app.state.settings, job.pool)
+    return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
+
+
 @router.post("/jobs/{job_id}/cancel", dependencies=[SameOrigin])
 def cancel(
     request: Request, job_id: str, session: SessionDep, team: UiTeam, csrf: Annotated[str, Form()] = ""
 ) -> Response:
-    if not hmac.compare_digest(csrf, request.state.csrf):
-        raise APIError(403, "The cancel form is stale or forged; reload the page", code="csrf_failed")
-    job = jobs_api.own_job(session, team, job_id)
-    with contextlib.suppress(IllegalTransition):  # already finished: the page shows the final status
-        request_cancel(session, job)
-    return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
+    return _move(request, job_id, session, team, csrf, "cancel")
+
+
+@router.post("/jobs/{job_id}/pause", dependencies=[SameOrigin])
+def pause(
+    request: Request, job_id: str, session: SessionDep, team: UiTeam, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    return _move(request, job_id, session, team, csrf, "pause")
+
+
+@router.post("/jobs/{job_id}/resume", dependencies=[SameOrigin])
+def resume(
+    request: Request, job_id: str, session: SessionDep, team: UiTeam, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    return _move(request, job_id, session, team, csrf, "resume")
 
 
 def install(app: Any) -> None:

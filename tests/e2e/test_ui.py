@@ -231,6 +231,13 @@ def test_dashboard_cancel_isolation_and_sign_out(system: System, browser: Browse
     assert forged.status == 403
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
     page.on("dialog", lambda dialog: dialog.accept())
+    # Pause holds the queued job; Resume puts it back.
+    page.click("#pause-form button")
+    page.wait_for_selector("#job-status:has-text('paused')")
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "paused"
+    page.click("#resume-form button")
+    page.wait_for_selector("#job-status:has-text('queued')")
+    assert page.locator("#pause-form").count() == 1
     page.click("#cancel-form button")
     page.wait_for_selector("#job-status:has-text('cancelled')")
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"

@@ -133,6 +133,8 @@ MATRIX = [
         via="ui",
     ),
     Probe(f"POST {U}/{{job_id}}/cancel", f"{U}/{{job}}/cancel", via="ui"),
+    Probe(f"POST {U}/{{job_id}}/pause", f"{U}/{{job}}/pause", via="ui"),
+    Probe(f"POST {U}/{{job_id}}/resume", f"{U}/{{job}}/resume", via="ui"),
 ]
 FAKE = {
     "file": "file-XXXXXXXXXXXXXXXXXXXXXXXX",
