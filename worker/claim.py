@@ -19,7 +19,8 @@ Every later write of the run goes through `Fence`: it touches the job only `WHER
 attempt = ? AND status = 'running'`, so a worker that lost its lease (and whose job was handed to
 another worker, attempt + 1) can no longer change anything: its writes raise `LeaseLost`. Each
 fenced write (heartbeats every few seconds, the run's end) also adds the GPU-seconds the run used
-since the last one to its team's usage; a run that dies uncounted loses at most one heartbeat's.
+since the last one to its team's usage row (created at the claim, under the team's lock, so that a
+write locks only that row); a run that dies uncounted loses at most one heartbeat's.
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ def claim_next_job(
                 session.rollback()
                 continue
             job = session.scalars(select(Job).where(Job.id == job_id)).one()  # as the UPDATE left it
+            _ensure_usage_row(session, team_id, pool, at)  # its fenced writes lock only that row
             add_event(
                 session,
                 job,
@@ -246,20 +248,29 @@ def claim_next_job(
             return Claim(job_id, job.attempt, pool, job.gpus)
 
 
+def _ensure_usage_row(session: Session, team_id: str, pool: str, now: float) -> None:
+    """The team's usage row in `pool` exists (the caller holds the team's lock)."""
+    if session.get(TeamUsage, (team_id, pool)) is None:
+        session.add(TeamUsage(team_id=team_id, pool=pool, gpu_seconds=0.0, as_of=now))
+
+
 def account_usage(session: Session, job: Job, now: float, half_life_s: float) -> None:
     """Add the GPU-seconds `job` (running) used since it was last counted to its team's usage in
-    its pool, decayed to `now`. Takes the team's lock (the usage row is created on first use)."""
+    its pool, decayed to `now`. Locks only the usage row, which the claim created under the team's
+    lock (a heartbeat every few seconds per job must not queue behind the team's job creations)."""
     since = job.usage_accounted_at
     if since is None or now <= since:
         return
-    lock_team(session, job.team_id)
     usage = session.get(TeamUsage, (job.team_id, job.pool), with_for_update=True)
     used = job.gpus * (now - since)
-    if usage is None:
-        session.add(TeamUsage(team_id=job.team_id, pool=job.pool, gpu_seconds=used, as_of=now))
-    else:
-        usage.gpu_seconds = add_usage(usage.gpu_seconds, usage.as_of, now, half_life_s, used)
-        usage.as_of = max(usage.as_of, now)
+    if usage is None:  # a job claimed before usage rows were made at claim time
+        lock_team(session, job.team_id)
+        _ensure_usage_row(session, job.team_id, job.pool, now)
+        session.flush()
+        usage = session.get(TeamUsage, (job.team_id, job.pool), with_for_update=True)
+        assert usage is not None
+    usage.gpu_seconds = add_usage(usage.gpu_seconds, usage.as_of, now, half_life_s, used)
+    usage.as_of = max(usage.as_of, now)
     job.usage_accounted_at = now
 
 
