@@ -124,7 +124,7 @@ def test_pause_and_resume_with_the_openai_sdk(system: System) -> None:
     assert system.wait(team, blocker["id"])["status"] == "cancelled"
 
 
-@pytest.mark.parametrize("system", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)  # PostgreSQL: the SIGKILL test below
 def test_fair_share_preemption_checkpoints_the_victim_which_resumes_exactly(system: System) -> None:
     a, b = system.team(), system.team()
     used_an_hour(system, a)
