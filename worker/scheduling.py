@@ -12,7 +12,8 @@ The order (design.md, "The pool"):
    `max_gpus` (GPUs, over all pools; none = no limit);
 2. a job that does not fit the claiming node's free slots is skipped (all K slots on one node,
    or none);
-3. then the team with the fewest GPUs running now in this pool per unit of share weight;
+3. then a team below its `guaranteed_gpus` in this pool, then the team with the fewest GPUs
+   running now in this pool per unit of share weight;
 4. then the team with the least decayed GPU-seconds used in this pool per unit of share weight:
    usage is K x running seconds, and it halves every `half_life_s` (a team that used the pool
    heavily yesterday goes after one that did not, and is forgiven in a few days); compared in
@@ -153,11 +154,12 @@ def limit_reason(team: TeamState, gpus: int) -> str | None:
     return None
 
 
-def sort_key(team: TeamState, job: Candidate) -> tuple[float, int, int, int]:
-    """Smaller goes first: GPUs running per weight, decayed usage per weight (GPU-minutes),
-    priority, age."""
+def sort_key(team: TeamState, job: Candidate) -> tuple[int, float, int, int, int]:
+    """Smaller goes first: a team below its guaranteed GPUs in the pool, then GPUs running per
+    weight, decayed usage per weight (GPU-minutes), priority, age."""
     usage = math.floor(team.usage / team.weight / USAGE_QUANTUM_S)
-    return (team.gpus_in_pool / team.weight, usage, -job.priority, job.pk)
+    guaranteed = 0 if team.gpus_in_pool < team.guaranteed_gpus else 1
+    return (guaranteed, team.gpus_in_pool / team.weight, usage, -job.priority, job.pk)
 
 
 def in_line(snapshot: Snapshot) -> list[Candidate]:

@@ -65,6 +65,14 @@ def test_between_teams_equally_served_now_less_decayed_usage_goes_first() -> Non
     assert order([a, team("b", usage=0.0, gpus_in_pool=1)], [job("a", 1), job("b", 2)]) == ["a1", "b2"]
 
 
+def test_a_team_below_its_guarantee_goes_first() -> None:
+    a = team("a", gpus_in_pool=3, guaranteed_gpus=4)  # below its guarantee, though it runs more
+    b = team("b", gpus_in_pool=1)
+    assert order([a, b], [job("a", 1), job("b", 2)]) == ["a1", "b2"]
+    at = team("a", gpus_in_pool=4, guaranteed_gpus=4)  # at it: plain fair share again
+    assert order([at, b], [job("a", 1), job("b", 2)]) == ["b2", "a1"]
+
+
 def test_then_priority_then_age() -> None:
     a, b = team("a"), team("b")
     assert order([a, b], [job("a", 5), job("b", 6, priority=1)]) == ["b6", "a5"]
