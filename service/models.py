@@ -198,6 +198,8 @@ class Job(Base):
     queue_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)  # why it waits (queued)
     # Queued: the worker whose jobs it preempted; the slots they free are its own (cleared at claim).
     reserved_worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Running: it took slots reserved for this (queued) job, which preempts it once they are due.
+    backfill_for: Mapped[str | None] = mapped_column(String(40), nullable=True)
     dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # While running: the time up to which its GPU-seconds are in its team's usage (team_usage).
     usage_accounted_at: Mapped[float | None] = mapped_column(Float, nullable=True)

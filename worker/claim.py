@@ -43,6 +43,7 @@ from worker.scheduling import (
     Running,
     Snapshot,
     TeamState,
+    backfill_for,
     limit_reason,
     rank,
 )
@@ -101,7 +102,7 @@ def _team_states(
         select(
             Job.team_id, Job.pool, Job.gpus, Job.usage_accounted_at, Job.id, Job.worker_id, Job.priority,
             Job.preemptible, Job.attempt_started_at, Job.estimated_finish, Job.stop_request,
-            Job.cancel_requested,
+            Job.cancel_requested, Job.backfill_for,
         ).where(Job.status == S.RUNNING.value)
     ).all()  # fmt: skip
     for team_id, job_pool, gpus, accounted_at, *job in rows:
@@ -112,10 +113,10 @@ def _team_states(
             counts[2] += gpus
             if accounted_at is not None and now > accounted_at:
                 unaccounted[team_id] = unaccounted.get(team_id, 0.0) + gpus * (now - accounted_at)
-            job_id, worker, priority, preemptible, started, finish, stop, cancel = job
+            job_id, worker, priority, preemptible, started, finish, stop, cancel, backfill = job
             stop = "cancel" if cancel else stop
             in_pool.append(
-                Running(job_id, team_id, gpus, worker, priority, preemptible, started, finish, stop)
+                Running(job_id, team_id, gpus, worker, priority, preemptible, started, finish, stop, backfill)
             )
     usage = {
         team_id: decayed(gpu_seconds, as_of, now, half_life_s)
@@ -160,10 +161,11 @@ def _candidates(session: Session, pool: str) -> list[Candidate]:
     )
     firsts = select(first).select_from(Team)
     rows = session.execute(
-        select(Job.team_id, Job.id, Job.gpus, Job.priority, Job.pk, Job.queued_at, Job.reserved_worker).where(
-            Job.pk.in_(firsts)
-        )
-    ).all()
+        select(
+            Job.team_id, Job.id, Job.gpus, Job.priority, Job.pk, Job.queued_at, Job.reserved_worker,
+            Job.preemptible,
+        ).where(Job.pk.in_(firsts))
+    ).all()  # fmt: skip
     return [Candidate(*r) for r in rows]
 
 
@@ -192,6 +194,7 @@ def claim_next_job(
             if not order:
                 return None
             job_id, team_id = order[0].job_id, order[0].team_id
+            backfill = backfill_for(snapshot, order[0])
             tried.add(job_id)
             # Serialise with the team's other claims, then check its limits again under the lock.
             lock_team(session, team_id)
@@ -231,6 +234,7 @@ def claim_next_job(
                     stop_reason=None,
                     queue_reason=None,
                     reserved_worker=None,
+                    backfill_for=backfill,
                 ),
             )
             if not won:  # another worker took it first
@@ -238,6 +242,11 @@ def claim_next_job(
                 continue
             job = session.scalars(select(Job).where(Job.id == job_id)).one()  # as the UPDATE left it
             _ensure_usage_row(session, team_id, pool, at)  # its fenced writes lock only that row
+            if backfill is not None:
+                add_event(
+                    session, job, f"Started as backfill on GPUs reserved for {backfill}: it is preempted "
+                    "when they are due, and resumes from its checkpoint", level="warn",
+                )  # fmt: skip
             add_event(
                 session,
                 job,

@@ -23,8 +23,10 @@ The order (design.md, "The pool"):
 
 Big jobs are not starved (`reservations`): the first job in that order that fits no node now
 reserves the node that can free its K slots soonest (from the running jobs' estimated finish);
-that node then starts only jobs that fit in what it will have beyond those K slots. A job that
-preempted others holds the slots they free the same way.
+that node then starts only jobs that fit in what it will have beyond those K slots, or preemptible
+jobs as backfill, which the reserving job preempts as soon as the node's other jobs have ended (the
+slots work meanwhile, and the big job is not delayed). A job that preempted others holds the slots
+they free the same way.
 
 Preemption (`preemptions`), one at a time per pool, never of a job that has run less than
 `min_runtime_s` or is not preemptible:
@@ -83,6 +85,7 @@ class Candidate:
     pk: int  # creation order
     queued_at: float | None = None  # when it last joined the queue
     reserved_node: str | None = None  # the node whose jobs it preempted: their slots are its own
+    preemptible: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Running:
     started_at: float | None = None  # this attempt's start
     finish_at: float | None = None  # estimated; None: not known yet
     stop: str | None = None  # a stop asked of it: cancel, pause, preempt
+    backfill_for: str | None = None  # the job whose reserved slots it took (which preempts it)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class Reservation:
     node: str
     start_at: float  # when the node is expected to have the job's slots free (inf: not known)
     surplus: int  # slots the node will have free then beyond the job's: what other jobs may take
+    backfill: bool = True  # preemptible jobs may take the rest meanwhile (not on a preemption's hold)
 
 
 @dataclass(frozen=True)
@@ -176,15 +181,18 @@ def in_line(snapshot: Snapshot) -> list[Candidate]:
     return [job for _, job in eligible]
 
 
-def _freeing(snapshot: Snapshot, node: str, gpus: int) -> tuple[float, int]:
-    """When `node` is expected to have `gpus` slots free (now, a running job's estimated finish, or
-    inf when that is not known), and how many it will have free then."""
+def _freeing(snapshot: Snapshot, node: str, gpus: int, job_id: str) -> tuple[float, int]:
+    """When `node` is expected to have `gpus` slots free for `job_id` (now, a running job's estimated
+    finish, or inf when that is not known), and how many it will have free then. Jobs stopping, and
+    jobs backfilled on its reservation (it preempts them), free theirs at once."""
     free = snapshot.free_on(node)
-    ends = sorted(
-        (snapshot.now if r.stop else (r.finish_at if r.finish_at is not None else math.inf), r.gpus)
-        for r in snapshot.running
-        if r.node == node
-    )
+
+    def end_of(r: Running) -> float:
+        if r.stop or r.backfill_for == job_id:
+            return snapshot.now
+        return r.finish_at if r.finish_at is not None else math.inf
+
+    ends = sorted((end_of(r), r.gpus) for r in snapshot.running if r.node == node)
     if free >= gpus:
         return snapshot.now, free
     total = free
@@ -206,8 +214,8 @@ def reservations(snapshot: Snapshot) -> dict[str, Reservation]:
     for job in line:
         node = job.reserved_node
         if node is not None and node in snapshot.nodes and node not in held:
-            at, free = _freeing(snapshot, node, job.gpus)
-            held[node] = Reservation(job, node, at, max(free - job.gpus, 0))
+            at, free = _freeing(snapshot, node, job.gpus, job.job_id)
+            held[node] = Reservation(job, node, at, max(free - job.gpus, 0), backfill=False)
     waiting = [j for j in line if j.reserved_node is None or j.reserved_node not in snapshot.nodes]
     largest = max(snapshot.nodes.values(), default=0)
     first = next((j for j in waiting if j.gpus <= largest), None)
@@ -216,7 +224,7 @@ def reservations(snapshot: Snapshot) -> dict[str, Reservation]:
     options = []
     for node, slots in snapshot.nodes.items():
         if slots >= first.gpus and node not in held:
-            at, free = _freeing(snapshot, node, first.gpus)
+            at, free = _freeing(snapshot, node, first.gpus, first.job_id)
             options.append((at, -snapshot.free_on(node), node, free))
     if options:
         at, _, node, free = min(options)
@@ -226,7 +234,9 @@ def reservations(snapshot: Snapshot) -> dict[str, Reservation]:
 
 def rank(snapshot: Snapshot) -> list[Candidate]:
     """The candidates the claiming node may start, in the order to try them: those that fit its free
-    slots, and on a node another job has reserved only that job or jobs that fit in the surplus."""
+    slots; on a node another job has reserved, that job, jobs that fit in the surplus, and
+    preemptible jobs as backfill (`backfill_for`: the reserving job preempts them when its slots are
+    due, so the slots work meanwhile and it is not delayed)."""
     reserved = reservations(snapshot).get(snapshot.node) if snapshot.node is not None else None
     order = []
     for job in in_line(snapshot):
@@ -234,10 +244,20 @@ def rank(snapshot: Snapshot) -> list[Candidate]:
             continue
         if job.reserved_node in snapshot.nodes and job.reserved_node != snapshot.node:
             continue  # the slots its preemption frees are elsewhere
-        if reserved is not None and job.job_id != reserved.job.job_id and job.gpus > reserved.surplus:
+        taken = backfill_for(snapshot, job, reserved) is not None
+        if taken and not (job.preemptible and reserved is not None and reserved.backfill):
             continue
         order.append(job)
     return order
+
+
+def backfill_for(snapshot: Snapshot, job: Candidate, reserved: Reservation | None = None) -> str | None:
+    """The reserving job whose slots `job` takes if the claiming node starts it, or None."""
+    if reserved is None and snapshot.node is not None:
+        reserved = reservations(snapshot).get(snapshot.node)
+    if reserved is None or job.job_id == reserved.job.job_id or job.gpus <= reserved.surplus:
+        return None
+    return reserved.job.job_id
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,7 +306,10 @@ def queue_reasons(snapshot: Snapshot, queued: list[Candidate]) -> dict[str, str]
         else:
             ahead = place.get(job.job_id, 0)
             fits = [n for n in snapshot.nodes if snapshot.free_on(n) >= k]
-            open_nodes = [n for n in fits if n not in held or held[n].surplus >= k]
+            open_nodes = [
+                n for n in fits
+                if n not in held or held[n].surplus >= k or (held[n].backfill and job.preemptible)
+            ]  # fmt: skip
             if not fits:
                 reason = f"waiting for {gpus} on one node of pool {pool} (most free on a node: {most_free})"
             elif not open_nodes:
@@ -355,6 +378,20 @@ def preemptions(snapshot: Snapshot, policy: PreemptPolicy) -> list[Preemption]:
         ran = now - r.started_at if r.started_at is not None else math.inf
         return r.preemptible and r.stop is None and ran >= policy.min_runtime_s
 
+    # Backfill on a reservation whose slots are due (the other jobs there have ended): at once.
+    for node, held in reservations(snapshot).items():
+        holder = held.job.job_id
+        due = [r for r in snapshot.running if r.node == node and r.backfill_for == holder and not r.stop]
+        free = snapshot.free_on(node)
+        if due and free < held.job.gpus <= free + sum(r.gpus for r in due):
+            chosen = []
+            for r in sorted(due, key=lambda r: -(r.started_at or 0.0)):  # the youngest first
+                chosen.append(r)
+                free += r.gpus
+                if free >= held.job.gpus:
+                    break
+            reason = f"Preempted by {holder}: it ran on GPUs reserved for that job, which are now due"
+            return [Preemption(held.job, node, tuple(chosen), reason)]
     stoppable = [r for r in snapshot.running if may_stop(r)]
     shares = fair_shares(snapshot)
     for job in in_line(snapshot):

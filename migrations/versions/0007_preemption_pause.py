@@ -1,5 +1,5 @@
 """Preemption, pause and queue reasons: jobs.stop_request/stop_reason/preemptible/preemptions/
-queued_at/attempt_started_at/queue_reason/reserved_worker and the per-team queue index,
+queued_at/attempt_started_at/queue_reason/reserved_worker/backfill_for, the per-team queue index,
 teams.may_exempt_preemption, team_quotas (guaranteed GPUs)
 
 Revision ID: 0007
@@ -30,6 +30,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("attempt_started_at", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("queue_reason", sa.String(length=512), nullable=True))
         batch_op.add_column(sa.Column("reserved_worker", sa.String(length=128), nullable=True))
+        batch_op.add_column(sa.Column("backfill_for", sa.String(length=40), nullable=True))
         batch_op.create_index(
             "ix_jobs_team_id_pool_status_priority_pk", ["team_id", "pool", "status", "priority", "pk"]
         )
@@ -54,7 +55,7 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_team_id_pool_status_priority_pk")
         for column in (
-            "reserved_worker", "queue_reason", "attempt_started_at", "queued_at", "preemptions",
+            "backfill_for", "reserved_worker", "queue_reason", "attempt_started_at", "queued_at", "preemptions",
             "preemptible", "stop_reason", "stop_request",
         ):  # fmt: skip
             batch_op.drop_column(column)

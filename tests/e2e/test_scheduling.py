@@ -31,6 +31,7 @@ from service.teams import set_quota
 from tests.e2e.conftest import TERMINAL, System
 from tests.service.conftest import ROOT, TeamClient
 from worker.claim import account_usage, claim_next_job
+from worker.reconciler import schedule_pools
 
 ONE_STEP = {"max_steps": 1}
 STARTED = "Job started on worker %"
@@ -416,6 +417,7 @@ class Cluster:
         self.clock = time.time()
         self.duration: dict[str, float] = {}  # job id -> seconds it runs
         self.running: dict[str, tuple[str, str, int, float]] = {}  # job -> (node, team, gpus, end)
+        self.preempted: list[str] = []
         # after each moment's claims: GPUs held per team, and the teams with jobs still queued
         self.rounds: list[tuple[dict[str, int], set[str]]] = []
         system.stack.declare_pool(pool)
@@ -457,7 +459,9 @@ class Cluster:
         return started
 
     def next_end(self) -> bool:
-        """Advance to the next job's end, end it (and any ending with it), and let its node claim."""
+        """Advance to the next job's end, end it (and any ending with it), and let its node claim;
+        then the reconciler's policy runs, and a job it preempts stops at once (its checkpoint of
+        the step: it keeps the work done) and goes back to the queue."""
         if not self.running:
             return False
         self.clock = min(end for *_, end in self.running.values())
@@ -468,6 +472,21 @@ class Cluster:
             finish(self.system, job_id, self.clock)
         for node in sorted(nodes):
             self.fill(node)
+        while schedule_pools(self.db, self.system.stack.settings, now=self.clock):
+            freed = set()
+            with self.db.session() as session:
+                for job in session.scalars(select(Job).where(Job.stop_request == "preempt")):
+                    node, _, _, end = self.running.pop(job.id)
+                    self.duration[job.id] = end - self.clock  # the rest of its work
+                    account_usage(session, job, self.clock, HALF_LIFE)
+                    job.stop_request = job.stop_reason = job.worker_id = job.lease_expires_at = None
+                    job.preemptions += 1
+                    set_status(session, job, JobStatus.QUEUED, "preempted (simulated stop)")
+                    self.preempted.append(job.id)
+                    freed.add(node)
+                session.commit()
+            for node in sorted(freed):
+                self.fill(node)
         with self.db.session() as session:
             waiting = set(
                 session.scalars(
@@ -539,5 +558,9 @@ def test_a_big_job_behind_a_stream_of_small_ones_starts_once_the_running_ones_en
         if gang in cluster.running and started_at is None:
             started_at = cluster.clock
     assert started_at == start + 150.0, cluster.rounds  # when the second running job ended
-    # meanwhile (100 s to 150 s) the node's free slot stayed free for it
-    assert cluster.rounds[0][0] == {stream.team_id: 1}, cluster.rounds
+    # meanwhile (100 s to 150 s) a stream job used the free slot as backfill, and made way at 150 s
+    assert cluster.rounds[0][0] == {stream.team_id: 2}, cluster.rounds
+    assert len(cluster.preempted) == 1, cluster.preempted
+    with system.stack.db.session() as session:
+        backfill = session.scalars(select(Job).where(Job.id == cluster.preempted[0])).one()
+        assert backfill.backfill_for is None or backfill.status == "queued"  # re-queued, resumes later

@@ -12,6 +12,7 @@ from worker.scheduling import (
     Running,
     Snapshot,
     TeamState,
+    backfill_for,
     limit_reason,
     preemptions,
     queue_reasons,
@@ -155,19 +156,38 @@ def test_a_big_job_first_in_line_reserves_the_node_that_frees_its_slots_first() 
     held = reservations(pool([a, b], [big, small], running, nodes))
     assert list(held) == ["n1"] and held["n1"].job == big and held["n1"].start_at == NOW + 600
     assert held["n1"].surplus == 0
-    # n1 keeps its free slot for the big job: the small job may not take it ...
-    assert [c.job_id for c in rank(pool([a, b], [big, small], running, nodes, node="n1"))] == []
+    # n1 keeps its free slot for the big job: a non-preemptible small job may not take it, a
+    # preemptible one only as backfill for it (preempted once the slots are due) ...
+    stiff = Candidate("b", "b2", 1, 0, 2, queued_at=NOW, preemptible=False)
+    assert [c.job_id for c in rank(pool([a, b], [big, stiff], running, nodes, node="n1"))] == []
+    snapshot = pool([a, b], [big, small], running, nodes, node="n1")
+    assert [c.job_id for c in rank(snapshot)] == ["b2"] and backfill_for(snapshot, small) == "a1"
     # ... but where the node will have more than the big job needs, a job may take the surplus now:
     # n1 (3 slots) runs one 2-GPU job ending in 10 min: 3 free then, the big job needs 2.
     wide = [run("b", 1, "n1", gpus=2, finish_at=NOW + 600), *running[1:]]
     held = reservations(pool([a, b], [big, small], wide, {"n1": 3, "n2": 2}))
     assert held["n1"].job == big and held["n1"].surplus == 1
-    assert [c.job_id for c in rank(pool([a, b], [big, small], wide, {"n1": 3, "n2": 2}, node="n1"))] == ["b2"]
-    # Running jobs whose end is not known yet: nothing backfills the reserved node.
+    wide_snapshot = pool([a, b], [big, stiff], wide, {"n1": 3, "n2": 2}, node="n1")
+    assert [c.job_id for c in rank(wide_snapshot)] == ["b2"] and backfill_for(wide_snapshot, stiff) is None
+    # Running jobs whose end is not known yet: only preemptible jobs backfill the reserved node.
     unknown = [run("b", 1, "n1"), run("b", 2, "n2"), run("b", 3, "n2")]
     held = reservations(pool([a, b], [big, small], unknown, nodes))
     assert held["n1"].start_at == float("inf") and held["n1"].surplus == 0
-    assert rank(pool([a, b], [big, small], unknown, nodes, node="n1")) == []
+    assert rank(pool([a, b], [big, stiff], unknown, nodes, node="n1")) == []
+
+
+def test_backfill_is_preempted_once_the_reserved_slots_are_due() -> None:
+    a, b = team("a"), team("b")
+    big = waiting("a", 1, gpus=2)
+    young = NOW - 10  # backfill is preempted whatever its runtime: that was the deal
+    filler = run("b", 2, "n1", started_at=young, backfill_for="a1")
+    # the other job on n1 still runs: nothing is due yet
+    running = [run("b", 1, "n1", finish_at=NOW + 60), filler]
+    assert victims(pool([a, b], [big], running, {"n1": 2})) == []
+    # it ended: the backfill makes way at once
+    found = preemptions(pool([a, b], [big], [filler], {"n1": 2}), POLICY)
+    assert [v.job_id for v in found[0].victims] == ["b-run2"] and found[0].job == big
+    assert found[0].reason == "Preempted by a1: it ran on GPUs reserved for that job, which are now due"
 
 
 def test_no_reservation_while_the_first_in_line_fits_somewhere() -> None:
@@ -232,7 +252,7 @@ def test_reason_jobs_of_teams_with_less_recent_usage_go_first() -> None:
 def test_reason_gpus_reserved_for_another_job() -> None:
     a, b = team("a"), team("b", gpus_in_pool=1)
     big = waiting("a", 1, gpus=2)
-    small = waiting("b", 2)
+    small = Candidate("b", "b2", 1, 0, 2, queued_at=NOW, preemptible=False)  # may not backfill
     running = [run("b", 1, "n1", finish_at=NOW + 60)]
     snapshot = pool([a, b], [big, small], running, {"n1": 2})
     assert reasons(snapshot, [big, small])["b2"].startswith("GPUs reserved for a1 (needs 2)")
