@@ -55,7 +55,7 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_team_id_pool_status_priority_pk")
         for column in (
-            "backfill_for", "reserved_worker", "queue_reason", "attempt_started_at", "queued_at", "preemptions",
-            "preemptible", "stop_reason", "stop_request",
+            "backfill_for", "reserved_worker", "queue_reason", "attempt_started_at", "queued_at",
+            "preemptions", "preemptible", "stop_reason", "stop_request",
         ):  # fmt: skip
             batch_op.drop_column(column)

@@ -59,7 +59,7 @@ def test_a_two_gpu_job_trains_as_two_processes_to_the_weights_of_one(system: Sys
         torch.testing.assert_close(two[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("system", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("system", ["postgresql"], indirect=True)  # SQLite claims: test_scheduling
 def test_a_job_gets_all_its_slots_on_one_node_or_waits(system: System) -> None:
     a, b, c = system.team(), system.team(), system.team()
     long_hp = {"n_epochs": 50, "batch_size": 1, "checkpoint_every": 1000}  # 3,200 steps: cancelled
