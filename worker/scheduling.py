@@ -36,10 +36,11 @@ Preemption (`preemptions`), one at a time per pool, never of a job that has run 
 - after waiting `after_s`, a team below its `guaranteed_gpus` in the pool reclaims GPUs from teams
   above their own guarantee (leaving them at or above it);
 - after waiting `after_s` (and with `fairshare` on), a team below its weighted share of the pool
-  reclaims GPUs from the team furthest above its share, as long as the victim team is left with more
-  GPUs per weight than the claimant has now (it would otherwise preempt straight back); where sizes
-  allow only a swap (one slot, two teams), the team with more decayed usage per weight yields, so
-  the teams take turns that even out their GPU time.
+  reclaims GPUs from the team furthest above its share, as long as the gap between the two teams'
+  GPUs per weight shrinks (else the victim would preempt straight back: bench/pool_sim.py saw that
+  thrash when only the victim's side was checked); where the gap stays the same (one slot, two
+  teams), the team with more decayed usage per weight yields, so teams take turns that even out
+  their GPU time.
 """
 
 from __future__ import annotations
@@ -435,13 +436,20 @@ def preemptions(snapshot: Snapshot, policy: PreemptPolicy) -> list[Preemption]:
                 continue
 
             def no_inversion(
-                victims: list[Running], v: TeamState = victim_team, claimant: TeamState = team
+                victims: list[Running],
+                v: TeamState = victim_team,
+                claimant: TeamState = team,
+                k: int = job.gpus,
             ) -> bool:
+                # The gap between the two teams' GPUs per weight must shrink (else the victim would
+                # preempt straight back); an equal gap (one slot, two teams) goes to the team that
+                # used the pool less lately.
+                before = abs(v.gpus_in_pool / v.weight - claimant.gpus_in_pool / claimant.weight)
                 left = (v.gpus_in_pool - sum(x.gpus for x in victims)) / v.weight
-                now = claimant.gpus_in_pool / claimant.weight
-                if math.isclose(left, now):  # a swap: the team that used the pool more lately yields
+                after = abs(left - (claimant.gpus_in_pool + k) / claimant.weight)
+                if math.isclose(after, before):
                     return v.usage / v.weight > claimant.usage / claimant.weight + USAGE_QUANTUM_S
-                return left > now
+                return after < before
 
             pool = [r for r in others if r.team_id == victim_team.id]
             if (found := _pick(snapshot, job, pool, no_inversion)) is not None:

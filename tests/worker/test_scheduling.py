@@ -319,6 +319,24 @@ def test_no_preemption_back_and_forth() -> None:
     assert victims(pool([a, b], [waiting("b", 3), waiting("a", 3)], even, {"n1": 2, "n2": 2})) == []
 
 
+def test_a_preemption_must_shrink_the_gap_between_the_two_teams() -> None:
+    # bench/pool_sim.py's case: t5 (weight 3) 12 GPUs, t6 (weight 4) 9; t6's 4-GPU job may take a
+    # 4-GPU job of t5 (gap 4 - 2.25 = 1.75 becomes |2.67 - 3.25| = 0.58) ...
+    t5, t6 = team("t5", share_weight=3.0), team("t6", share_weight=4.0)
+    running = [
+        *(run("t5", i, f"n{i}", gpus=4) for i in (1, 2, 3)),
+        run("t6", 4, "n4", gpus=4), run("t6", 5, "n5", gpus=4), run("t6", 6, "n6", gpus=1),
+    ]  # fmt: skip
+    nodes = {f"n{i}": 4 for i in range(1, 7)}
+    assert len(victims(pool([t5, t6], [waiting("t6", 7, gpus=4)], running, nodes))) == 1
+    # ... and t5's job then does not take it back (the gap would grow from 0.58 to 1.75)
+    after = [
+        run("t5", 1, "n1", gpus=4), run("t5", 2, "n2", gpus=4), run("t6", 4, "n4", gpus=4),
+        run("t6", 5, "n5", gpus=4), run("t6", 6, "n6", gpus=1), run("t6", 7, "n3", gpus=4),
+    ]  # fmt: skip
+    assert victims(pool([t5, t6], [waiting("t5", 8, gpus=4)], after, nodes)) == []
+
+
 def test_on_one_slot_the_team_that_used_the_pool_more_lately_yields() -> None:
     a, b = team("a", usage=7200.0), team("b", usage=0.0)
     one = [run("a", 1, "n1")]
