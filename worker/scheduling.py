@@ -246,7 +246,9 @@ def rank(snapshot: Snapshot) -> list[Candidate]:
         if job.reserved_node in snapshot.nodes and job.reserved_node != snapshot.node:
             continue  # the slots its preemption frees are elsewhere
         taken = backfill_for(snapshot, job, reserved) is not None
-        if taken and not (job.preemptible and reserved is not None and reserved.backfill):
+        # No backfill once the reserved slots are due (its backfill is about to make way for it).
+        open_to_backfill = reserved is not None and reserved.backfill and reserved.start_at > snapshot.now
+        if taken and not (job.preemptible and open_to_backfill):
             continue
         order.append(job)
     return order
