@@ -12,11 +12,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import pytest
 import torch
 from openai.types.fine_tuning import FineTuningJob
@@ -25,8 +29,9 @@ from sqlalchemy import select
 
 from service.models import Job, TeamUsage, Worker
 from tests.e2e.conftest import System
-from tests.e2e.test_cancel import all_events, checkpoints
+from tests.e2e.test_cancel import all_events, checkpoints, training_children
 from tests.service.conftest import TeamClient
+from worker.child import STOP_FILE
 
 # Steps of a few tens of ms on the tiny model: long enough to act on mid-run, short to finish.
 LONG = {"n_epochs": 4, "batch_size": 1, "checkpoint_every": 1000}  # 4 x 48 = 192 steps on 48 examples
@@ -64,6 +69,23 @@ def wait_for(predicate: Any, timeout: float = 120, what: str = "") -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.contextmanager
+def frozen(job_id: str) -> Iterator[Path]:
+    """The job's trainer stopped (SIGSTOP) until the block ends: a stop request then finds it
+    mid-run however fast the machine steps (a fast CI machine finished 192 steps of the victim
+    before the preemption reached it). Yields the run directory, where the STOP file appears."""
+    procs = wait_for(lambda: training_children(job_id), what="the trainer")
+    run_dir = Path(next(arg for arg in procs[0].cmdline() if job_id in arg))
+    for proc in procs:
+        proc.suspend()
+    try:
+        yield run_dir
+    finally:
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):  # gone: killed, or ended
+                proc.resume()
+
+
 def steps_done(client: TeamClient, job_id: str) -> int:
     return int(client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["steps_completed"])
 
@@ -82,9 +104,11 @@ def test_pause_and_resume_with_the_openai_sdk(system: System) -> None:
     job = system.submit(team, file_id, hyperparameters=LONG, seed=11)
     wait_for(lambda: steps_done(team, job["id"]) >= 5, what="a few steps")
 
-    asked = sdk.fine_tuning.jobs.pause(job["id"])
-    assert isinstance(asked, FineTuningJob) and asked.status == "running"
-    assert asked.model_extra and asked.model_extra["pause_requested"] is True
+    with frozen(job["id"]) as run_dir:
+        asked = sdk.fine_tuning.jobs.pause(job["id"])
+        assert isinstance(asked, FineTuningJob) and asked.status == "running"
+        assert asked.model_extra and asked.model_extra["pause_requested"] is True
+        wait_for(lambda: (run_dir / STOP_FILE).exists(), what="the STOP file of the pause")
     paused = system.wait(team, job["id"], {"paused"})
     at = paused["progress"]["steps_completed"]
     assert 5 <= at < 192, paused
@@ -132,7 +156,9 @@ def test_fair_share_preemption_checkpoints_the_victim_which_resumes_exactly(syst
     system.start_worker(env=PREEMPT_NOW)
     victim = system.submit(a, a_file, hyperparameters=LONG, seed=5)
     wait_for(lambda: steps_done(a, victim["id"]) >= 3, what="the victim's first steps")
-    claimant = system.submit(b, system.new_file(b, n=8), hyperparameters={"max_steps": 2})
+    with frozen(victim["id"]) as run_dir:
+        claimant = system.submit(b, system.new_file(b, n=8), hyperparameters={"max_steps": 2})
+        wait_for(lambda: (run_dir / STOP_FILE).exists(), what="the STOP file of the preemption")
 
     requeued = system.wait(a, victim["id"], {"queued", "succeeded", "failed", "cancelled"})
     assert requeued["status"] == "queued", requeued
@@ -170,14 +196,21 @@ def test_priority_preempts_only_its_own_teams_jobs(system: System) -> None:
     assert b.get(f"/v1/fine_tuning/jobs/{other['id']}").json()["status"] == "queued"
     assert a.get(f"/v1/fine_tuning/jobs/{low['id']}").json()["status"] == "running"
 
-    urgent = system.submit(a, a_file, hyperparameters={"max_steps": 2}, priority=100)
+    with frozen(low["id"]) as run_dir:  # still mid-run when the preemption reaches it
+        urgent = system.submit(a, a_file, hyperparameters={"max_steps": 2}, priority=100)
+        wait_for(lambda: (run_dir / STOP_FILE).exists(), what="the STOP file of the preemption")
     assert system.wait(a, urgent["id"])["status"] == "succeeded", system.worker_logs()
     events = all_events(a, low["id"])
     assert any(e.startswith(f"Preempted by {urgent['id']} (priority 100) of the same team") for e in events)
     # the slot then goes by fair share: team B (nothing running) before team A's preempted job
-    assert system.wait(b, other["id"])["status"] == "succeeded"
+    wait_for(
+        lambda: b.get(f"/v1/fine_tuning/jobs/{other['id']}").json()["status"] in {"running", "succeeded"},
+        what="team B's job to start",
+    )
+    assert a.get(f"/v1/fine_tuning/jobs/{low['id']}").json()["status"] == "queued"
     assert a.post(f"/v1/fine_tuning/jobs/{low['id']}/cancel").status_code == 200
     assert system.wait(a, low["id"])["status"] == "cancelled"
+    assert system.wait(b, other["id"])["status"] == "succeeded"
 
 
 def a_or_none(value: Any) -> Any:
@@ -193,14 +226,15 @@ def test_a_victim_killed_while_it_stops_resumes_from_its_last_good_checkpoint(sy
     hp = {**LONG, "checkpoint_every": 4}
     victim = system.submit(a, a_file, hyperparameters=hp, seed=3)
     wait_for(lambda: checkpoints(a, victim["id"]), what="a first checkpoint")
-    claimant = system.submit(b, system.new_file(b, n=8), hyperparameters={"max_steps": 2})
 
     def asked() -> bool:
         with system.stack.db.session() as session:
             return session.scalar(select(Job.stop_request).where(Job.id == victim["id"])) == "preempt"
 
-    wait_for(asked, what="the preemption to be asked")
-    system.kill_worker(first, signal.SIGKILL)  # the worker and its trainer, mid-stop
+    with frozen(victim["id"]):  # mid-run when the preemption is asked, however fast the steps
+        claimant = system.submit(b, system.new_file(b, n=8), hyperparameters={"max_steps": 2})
+        wait_for(asked, what="the preemption to be asked")
+        system.kill_worker(first, signal.SIGKILL)  # the worker and its trainer, mid-stop
     last_good = max(c["step_number"] for c in checkpoints(a, victim["id"]))
     system.start_worker(env=PREEMPT_NOW)
     assert system.wait(b, claimant["id"])["status"] == "succeeded", system.worker_logs()
